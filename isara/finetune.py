@@ -1,0 +1,167 @@
+"""finetune stage: supervised fine-tuning of M(t-1) (or M0) on D(t), loss on answer tokens only.
+
+A plain torch loop (nanoGPT style) rather than transformers.Trainer: the whole loop is on one screen,
+and batches are grouped by length so CPU time is not spent on padding.
+Format: "Question: <q>\nAnswer:" (no loss) + " <answer><eos>" (loss) — the bare layout the generate
+prompts use, so M(t) answers in it without any examples in context.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from isara.params import Finetune
+from isara.paths import iter_paths
+from isara.prompts import sft_prompt
+from isara.records import Record, read_records, write_json
+
+import click
+
+from isara.console import echo_metrics, guard, iteration_argument, prev_option, resolve_prev, stage_params
+
+IGNORE = -100  # label id that transformers' causal-LM loss skips
+
+
+def encode(records: list[Record], tokenizer, max_length: int) -> list[tuple[list[int], list[int]]]:
+    """(input_ids, labels) per record; prompt tokens carry IGNORE labels, answer + eos carry themselves."""
+    examples = []
+    for r in records:
+        prompt = tokenizer(sft_prompt(r.question), add_special_tokens=True)["input_ids"]  # BOS where the model wants one
+        answer = tokenizer(" " + r.answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        ids = (prompt + answer)[:max_length]
+        labels = ([IGNORE] * len(prompt) + answer)[:max_length]
+        if any(label != IGNORE for label in labels):
+            examples.append((ids, labels))
+    return examples
+
+
+def length_grouped_batches(examples, batch_size: int, generator: torch.Generator) -> list[list[int]]:
+    """Indices in batches of similar length (little padding), in a seeded random batch order."""
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i][0]))
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    perm = torch.randperm(len(batches), generator=generator).tolist()
+    return [batches[i] for i in perm]
+
+
+def collate(examples, batch: list[int], pad_id: int) -> dict[str, torch.Tensor]:
+    width = max(len(examples[i][0]) for i in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, i in enumerate(batch):
+        x, y = examples[i]
+        ids[row, : len(x)] = torch.tensor(x)
+        labels[row, : len(y)] = torch.tensor(y)
+        mask[row, : len(x)] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def train(model_dir: Path, records: list[Record], out_dir: Path, cfg: Finetune, log_dir: Path | None = None,
+          progress: bool = True) -> dict:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(cfg.seed)
+    torch.set_num_threads(cfg.n_threads)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.train()
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    examples = encode(records, tokenizer, cfg.max_length)
+    if not examples:
+        raise ValueError("no training examples: every record was cut to nothing by finetune.max_length")
+
+    steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
+    total = steps_per_epoch * cfg.epochs if cfg.max_steps < 0 else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
+    warmup = int(total * cfg.warmup_ratio)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: (s + 1) / (warmup + 1) if s < warmup else max(0.0, (total - s) / max(total - warmup, 1)))
+
+    live = None
+    if log_dir is not None:
+        from dvclive import Live
+
+        shutil.rmtree(log_dir, ignore_errors=True)
+        live = Live(str(log_dir), dvcyaml=None, save_dvc_exp=False, report=None)
+
+    generator = torch.Generator().manual_seed(cfg.seed)
+    step, losses, tokens, start = 0, [], 0, time.perf_counter()
+    bar = tqdm(total=total, desc="finetune", unit="step", disable=not progress)
+    while step < total:
+        for batch in length_grouped_batches(examples, cfg.batch_size, generator):
+            if step >= total:
+                break
+            inputs = collate(examples, batch, pad_id)
+            loss = model(**inputs).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens += int(inputs["attention_mask"].sum())
+            losses.append(float(loss))
+            if live is not None:
+                live.log_metric("loss", losses[-1])
+                live.log_metric("lr", schedule.get_last_lr()[0])
+                live.next_step()
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    bar.close()
+    seconds = time.perf_counter() - start
+    if live is not None:
+        live.end()
+
+    model.eval()
+    save_checkpoint(model, tokenizer, out_dir)
+    tail = losses[-steps_per_epoch:]
+    return {
+        "examples": len(examples),
+        "steps": step,
+        "first_loss": round(losses[0], 4),
+        "final_loss": round(losses[-1], 4),
+        "last_epoch_mean_loss": round(sum(tail) / len(tail), 4),
+        "train_tokens": tokens,
+        "tokens_per_second": round(tokens / seconds, 2),
+        "seconds": round(seconds, 2),
+    }
+
+
+def save_checkpoint(model, tokenizer, out_dir: Path) -> None:
+    """Write into a temp folder and rename, so a crash never leaves a half-written checkpoint."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def run_finetune(iteration: str, prev: str, cfg: Finetune, progress: bool = True) -> dict:
+    here = iter_paths(iteration)
+    start_from = iter_paths(prev if cfg.init == "previous" else "0").hf
+    metrics = train(start_from, read_records(here.dataset), here.hf, cfg, here.train_log, progress)
+    write_json(here.metrics("finetune"), metrics)
+    return metrics
+
+
+@click.command("finetune")
+@iteration_argument
+@prev_option
+def command(iteration: str, prev: str | None) -> None:
+    """finetune@ITERATION: SFT of M(prev) (or M0, finetune.init) on D(t), loss on answer tokens only."""
+    p = stage_params()
+    echo_metrics(f"finetune@{iteration}", guard(run_finetune, iteration, resolve_prev(iteration, prev), p.finetune))

@@ -1,0 +1,195 @@
+"""params.yaml as pydantic models: one model per section, unknown keys rejected.
+
+The file is read with ruamel.yaml (YAML 1.2, as DVC itself uses), because `dvc exp run -S finetune.lr=4e-05`
+writes `4e-05`, which PyYAML (YAML 1.1) reads as a string.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from ruamel.yaml import YAML
+from ruamel.yaml.error import YAMLError
+
+DEFAULT_PARAMS = Path("params.yaml")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Seeds(Section):
+    path: Path
+
+
+class Base(Section):
+    model: Literal["smollm2", "gemma3"] = "smollm2"
+
+
+class Iteration(Section):
+    prev: str
+
+
+class Index(Section):
+    n_trees: int = Field(16, ge=1, le=1000)
+    seed: int = 0
+
+
+class Generate(Section):
+    n_samples: int = Field(32, ge=1)
+    max_attempts: int = Field(160, ge=1)
+    k_question: int = Field(4, ge=1, le=32)
+    k_answer: int = Field(4, ge=1, le=32)
+    temperature: float = Field(0.8, ge=0.0, le=5.0)
+    answer_temperature: float = Field(0.3, ge=0.0, le=5.0)
+    top_p: float = Field(0.95, gt=0.0, le=1.0)
+    max_question_tokens: int = Field(64, ge=4)
+    max_answer_tokens: int = Field(128, ge=4)
+    n_ctx: int = Field(2048, ge=128)
+    n_threads: int = Field(2, ge=1)
+    seed: int = 0
+    min_question_chars: int = Field(15, ge=1)
+    max_question_chars: int = Field(300, ge=1)
+    min_answer_chars: int = Field(40, ge=1)
+    max_answer_chars: int = Field(800, ge=1)
+    max_repeated_ngram_share: float = Field(0.3, ge=0.0, le=1.0)
+    max_embedding_similarity: float = Field(0.92, gt=0.0, le=1.0)
+    max_rouge_l: float = Field(0.7, gt=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "Generate":
+        if self.min_question_chars > self.max_question_chars:
+            raise ValueError("min_question_chars is larger than max_question_chars")
+        if self.min_answer_chars > self.max_answer_chars:
+            raise ValueError("min_answer_chars is larger than max_answer_chars")
+        if self.max_attempts < self.n_samples:
+            raise ValueError(f"max_attempts ({self.max_attempts}) is smaller than n_samples ({self.n_samples})")
+        return self
+
+
+class Finetune(Section):
+    init: Literal["previous", "base"] = "previous"
+    lr: float = Field(5e-5, gt=0.0, lt=1.0)
+    epochs: int = Field(2, ge=1)
+    batch_size: int = Field(8, ge=1)
+    max_steps: int = Field(-1, ge=-1)
+    max_length: int = Field(256, ge=16)
+    weight_decay: float = Field(0.0, ge=0.0)
+    warmup_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    seed: int = 0
+    n_threads: int = Field(2, ge=1)
+
+
+class Export(Section):
+    outtype: Literal["q8_0", "f16", "f32"] = "q8_0"
+
+
+class Params(Section):
+    seeds: Seeds
+    base: Base = Base()
+    iterations: dict[str, Iteration]
+    index: Index = Index()
+    generate: Generate = Generate()
+    finetune: Finetune = Finetune()
+    export: Export = Export()
+
+    @model_validator(mode="after")
+    def _schedule(self) -> "Params":
+        check_schedule(self.iterations)
+        return self
+
+    def prev_of(self, iteration: str) -> str:
+        if iteration not in self.iterations:
+            raise ParamsError(f"iterations: no iteration {iteration!r} (have {sorted(self.iterations)})")
+        return self.iterations[iteration].prev
+
+
+def check_schedule(iterations: dict[str, Iteration]) -> None:
+    """Every key is a positive integer string, every `prev` is "0" or an earlier key, so the chain is acyclic."""
+    if not iterations:
+        raise ValueError("at least one iteration is required")
+    for key, it in iterations.items():
+        if not key.isdigit() or int(key) < 1:
+            raise ValueError(f"iteration key {key!r} must be a positive integer written as a quoted string")
+        if it.prev != "0" and it.prev not in iterations:
+            raise ValueError(f"iteration {key!r} has prev {it.prev!r}, which is neither '0' nor an iteration")
+        if not it.prev.isdigit() or int(it.prev) >= int(key):
+            raise ValueError(f"iteration {key!r} has prev {it.prev!r}: prev must be an earlier iteration (no cycles)")
+
+
+class ParamsError(ValueError):
+    """Invalid params; the message names the file and the offending key and value."""
+
+
+def read_yaml(path: Path) -> dict:
+    yaml = YAML(typ="safe", pure=True)
+    try:
+        with Path(path).open(encoding="utf-8") as fh:
+            data = yaml.load(fh)
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: params file not found") from None
+    except YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ParamsError(f"{path}: expected a mapping of sections at the top level")
+    return data
+
+
+def format_validation_error(path: Path, exc: ValidationError, data: dict | None = None) -> str:
+    lines = [f"{path}: invalid params"]
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"])
+        value = err.get("input")
+        shown = "" if isinstance(value, dict) else f" = {value!r}"
+        lines.append(f"  {key}{shown}: {err['msg']}")
+    return "\n".join(lines)
+
+
+def load_params(path: str | os.PathLike = DEFAULT_PARAMS) -> Params:
+    path = Path(path)
+    data = read_yaml(path)
+    # YAML maps unquoted iteration keys to ints; DVC's foreach then builds no stages. Refuse them here.
+    iters = data.get("iterations")
+    if isinstance(iters, dict):
+        bad = [k for k in iters if not isinstance(k, str)]
+        if bad:
+            raise ParamsError(f"{path}: iterations: key {bad[0]!r} must be quoted (\"{bad[0]}\"): DVC's foreach "
+                              "silently builds no stages from unquoted integer keys")
+    try:
+        return Params.model_validate(data)
+    except ValidationError as exc:
+        raise ParamsError(format_validation_error(path, exc)) from None
+
+
+class StageParams:
+    """The params a stage may read: under `dvc repro`, only the sections dvc.yaml declares for it.
+
+    Reading an undeclared section would make DVC's cache stale (changing that section would not rerun the
+    stage), so it fails loudly instead. Outside DVC (the plain CLI) every section is readable.
+    """
+
+    def __init__(self, params: Params, stage: str | None, declared: set[str] | None):
+        self._params, self._stage, self._declared = params, stage, declared
+
+    def __getattr__(self, name: str):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        if self._declared is not None and name not in self._declared:
+            raise ParamsError(f"stage {self._stage!r} reads params section {name!r}, which dvc.yaml does not "
+                              f"declare for it (declared: {sorted(self._declared)}): add it to the stage's params")
+        return getattr(self._params, name)
+
+
+def load_stage_params(path: str | os.PathLike = DEFAULT_PARAMS) -> StageParams:
+    """Validate the whole params file (a bad key anywhere stops every stage), then restrict to this stage."""
+    params = load_params(path)
+    stage = os.environ.get("DVC_STAGE")
+    if not stage:
+        return StageParams(params, None, None)
+    import dvc.api
+
+    declared = set(dvc.api.params_show(str(path), stages=[stage]).keys())
+    return StageParams(params, stage, declared)

@@ -1,0 +1,69 @@
+"""Where every artifact lives: the one source of truth shared by the stages, the CLI and dvc.yaml's layout.
+
+Iteration "0" is the starting point: the base model M0 (prepare) and the seed set D0 (seeds).
+Iteration t >= 1 reads iteration prev(t) and writes its own folder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+ARTIFACTS = Path("artifacts")
+REPORTS = Path("reports")
+ITER_REPORTS = REPORTS / "iters"
+
+
+@dataclass(frozen=True)
+class IterPaths:
+    iteration: str
+    root: Path = ARTIFACTS
+
+    @property
+    def dir(self) -> Path:
+        return self.root / self.iteration
+
+    @property
+    def dataset(self) -> Path:
+        """D(t): every record the next iteration retrieves from and finetune@t trains on."""
+        return self.dir / "dataset.jsonl"
+
+    @property
+    def generated(self) -> Path:
+        """The records accepted in this iteration (a subset of dataset.jsonl)."""
+        return self.dir / "generated.jsonl"
+
+    @property
+    def rejected(self) -> Path:
+        return self.dir / "rejected.jsonl"
+
+    @property
+    def index(self) -> Path:
+        """Annoy index over the questions of D(t-1), built by index@t."""
+        return self.dir / "index"
+
+    @property
+    def hf(self) -> Path:
+        """Transformers checkpoint of M(t) (prepare writes M0's)."""
+        return self.dir / "hf"
+
+    @property
+    def gguf(self) -> Path:
+        """llama.cpp model M(t) that generates round t+1."""
+        return self.dir / "model.gguf"
+
+    @property
+    def reports(self) -> Path:
+        return ITER_REPORTS / self.iteration
+
+    def metrics(self, stage: str) -> Path:
+        return self.reports / f"{stage}.json"
+
+    @property
+    def train_log(self) -> Path:
+        """DVCLive folder of finetune@t (loss curves)."""
+        return self.reports / "train"
+
+
+def iter_paths(iteration: str | int) -> IterPaths:
+    return IterPaths(str(iteration))

@@ -1,0 +1,140 @@
+"""The data contract: one `Record` per question/answer pair, seeds and generated samples alike.
+
+A record's `id` is a content hash over every other field, so editing any field (question, answer or
+lineage) breaks the id, and two records can only share an id if they are identical.
+Lineage lives on the record itself: the ids (and retrieval distances) of the examples that were in the
+question prompt and in the answer prompt point one hop back; `isara lineage` follows them to the seeds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+ID_LENGTH = 16  # hex chars of sha256: 64 bits, collision-free at any data-set size this tool will see
+
+
+class Neighbour(BaseModel):
+    """One in-context example: which record, and how far it was from the retrieval query (Annoy angular)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    id: str
+    distance: float
+
+
+class Sampling(BaseModel):
+    """Exactly the llama.cpp sampling settings and seed of one completion, so it can be replayed."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    temperature: float
+    top_p: float
+    max_tokens: int
+    seed: int
+
+
+class Record(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str = ""
+    iteration: int = Field(ge=0, description="0 for seeds, t for samples generated in iteration t")
+    question: str = Field(min_length=1)
+    answer: str = Field(min_length=1)
+    # Lineage: empty for seeds.
+    anchor_id: str | None = None
+    question_context: list[Neighbour] = []
+    answer_context: list[Neighbour] = []
+    model_sha256: str | None = None
+    question_sampling: Sampling | None = None
+    answer_sampling: Sampling | None = None
+    raw_question: str | None = None
+    raw_answer: str | None = None
+
+    @model_validator(mode="after")
+    def _id_is_content_hash(self) -> "Record":
+        expected = content_id(self)
+        if not self.id:
+            object.__setattr__(self, "id", expected)
+        elif self.id != expected:
+            raise ValueError(f"id {self.id!r} is not the content hash of the record (expected {expected!r})")
+        return self
+
+    @property
+    def is_seed(self) -> bool:
+        return self.iteration == 0
+
+    def parent_ids(self) -> list[str]:
+        """Every record this one was generated from, question prompt first, without repeats."""
+        seen: dict[str, None] = {}
+        for n in [*self.question_context, *self.answer_context]:
+            seen.setdefault(n.id, None)
+        return list(seen)
+
+
+def content_id(record: Record) -> str:
+    payload = record.model_dump(mode="json", exclude={"id"})
+    canonical = json.dumps(payload, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:ID_LENGTH]
+
+
+class RecordFileError(ValueError):
+    """A JSONL line that is not a valid record; the message names the file and line."""
+
+
+def read_records(path: str | os.PathLike) -> list[Record]:
+    return list(iter_records(path))
+
+
+def iter_records(path: str | os.PathLike) -> Iterator[Record]:
+    path = Path(path)
+    with path.open("r", encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield Record.model_validate_json(line)
+            except ValidationError as exc:
+                raise RecordFileError(f"{path}:{lineno}: invalid record: {exc}") from exc
+
+
+def write_jsonl(path: str | os.PathLike, rows: Iterable[BaseModel | dict]) -> None:
+    """Write JSONL atomically: a crash leaves the old file (or none), never a truncated one for DVC to cache."""
+    lines = []
+    for row in rows:
+        if isinstance(row, BaseModel):
+            lines.append(row.model_dump_json())
+        else:
+            lines.append(json.dumps(row, ensure_ascii=False, sort_keys=True))
+    atomic_write_text(path, "".join(line + "\n" for line in lines))
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | os.PathLike, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -1,0 +1,111 @@
+"""Shared fixtures: an isolated DVC project in a temp git repo, built from this checkout's code."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SEEDS = REPO / "data" / "seeds"
+
+
+def isolated_env(home: Path) -> dict[str, str]:
+    """No user git/DVC config, no analytics, a private DVC site cache: tests never touch the real ones."""
+    env = dict(os.environ)
+    env.update({
+        "HOME": str(home),
+        "DVC_NO_ANALYTICS": "1",
+        "DVC_SITE_CACHE_DIR": str(home / "dvc-site-cache"),
+        "GIT_AUTHOR_NAME": "isara-test", "GIT_AUTHOR_EMAIL": "test@isara.invalid",
+        "GIT_COMMITTER_NAME": "isara-test", "GIT_COMMITTER_EMAIL": "test@isara.invalid",
+        "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+    })
+    env.pop("DVC_STAGE", None)
+    return env
+
+
+class Project:
+    def __init__(self, root: Path, env: dict[str, str]):
+        self.root, self.env = root, env
+
+    def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        proc = subprocess.run(list(args), cwd=self.root, env=self.env, text=True, capture_output=True)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+        return proc
+
+    def dvc(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        return self.run(sys.executable, "-m", "dvc", *args, check=check)
+
+    def isara(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        return self.run(sys.executable, "-m", "isara.cli", *args, check=check)
+
+    def json(self, rel: str):
+        return json.loads((self.root / rel).read_text())
+
+
+def write_seed_subset(src: Path, dst: Path, n: int) -> None:
+    lines = [line for line in src.read_text(encoding="utf-8").splitlines() if line.strip()][:n]
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+TINY_PARAMS = """\
+seeds: {path: data/seeds/tiny.jsonl}
+base: {model: smollm2}
+iterations:
+  "1": {prev: "0"}
+  "2": {prev: "1"}
+index: {n_trees: 4, seed: 0}
+generate:
+  n_samples: 2
+  max_attempts: 40
+  k_question: 3
+  k_answer: 3
+  max_question_tokens: 48
+  max_answer_tokens: 96
+  n_ctx: 1024
+  seed: 0
+finetune: {max_steps: 1, batch_size: 4, max_length: 128, epochs: 1}
+export: {outtype: q8_0}
+"""
+
+
+def make_project(root: Path, params: str = TINY_PARAMS, n_seeds: int = 8) -> Project:
+    """A fresh git + DVC repo holding this checkout's pipeline code and tiny seed sets."""
+    root.mkdir(parents=True)
+    for name in ("isara", "stages"):
+        shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
+    (root / "params.yaml").write_text(params)
+    write_seed_subset(SEEDS / "safety.jsonl", root / "data/seeds/tiny.jsonl", n_seeds)
+    write_seed_subset(SEEDS / "safety_alt.jsonl", root / "data/seeds/tiny_alt.jsonl", n_seeds)
+    (root / ".gitignore").write_text("__pycache__/\n")
+    home = root.parent / f"{root.name}-home"
+    home.mkdir()
+    project = Project(root, isolated_env(home))
+    project.run("git", "init", "-q", "-b", "main")
+    project.dvc("init", "-q")
+    project.dvc("config", "core.analytics", "false")
+    project.run("git", "add", "-A")
+    project.run("git", "commit", "-q", "-m", "tiny isara project")
+    return project
+
+
+def stages_run(output: str) -> set[str]:
+    """Names of the stages `dvc repro` actually ran (not the ones it skipped or restored)."""
+    return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")}
+
+
+@pytest.fixture(scope="session")
+def tiny_project(tmp_path_factory) -> Project:
+    """The tiny pipeline reproduced once: 8 seeds, 2 iterations, 2 samples each, 1 training step."""
+    project = make_project(tmp_path_factory.mktemp("pipeline") / "repo")
+    project.repro = project.dvc("repro")
+    return project

@@ -1,0 +1,349 @@
+"""Data-card computations on tiny hand-made inputs; every expected value is worked out by hand in a comment."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import types
+
+import numpy as np
+import pytest
+
+from isara.datacard import (
+    build_datacard,
+    datacard_metrics,
+    distinct_n,
+    far_retrieval_share,
+    gini,
+    length_stats,
+    mean_pairwise_similarity,
+    near_duplicate_rate,
+    render_datacard_markdown,
+    seed_descendants,
+    top_k_share,
+    words,
+)
+from isara.records import Neighbour, Record
+
+
+def seed(q: str, a: str = "An answer.") -> Record:
+    return Record(iteration=0, question=q, answer=a)
+
+
+def gen(it: int, q: str, a: str = "Generated answer.", qc=(), ac=()) -> Record:
+    return Record(
+        iteration=it,
+        question=q,
+        answer=a,
+        question_context=[Neighbour(id=i, distance=d) for i, d in qc],
+        answer_context=[Neighbour(id=i, distance=d) for i, d in ac],
+    )
+
+
+# ------------------------------------------------------------------------------------------------ distinct-n
+
+
+def test_words_lowercases_and_drops_punctuation():
+    assert words("Hello, World! Don't") == ["hello", "world", "don't"]
+
+
+def test_distinct_n_pools_over_texts():
+    texts = ["the cat sat", "The cat ran"]
+    # unigrams: the cat sat the cat ran -> 6 total, {the, cat, sat, ran} -> 4 unique
+    assert distinct_n(texts, 1) == pytest.approx(4 / 6)
+    # bigrams: (the cat) (cat sat) (the cat) (cat ran) -> 4 total, 3 unique
+    assert distinct_n(texts, 2) == pytest.approx(3 / 4)
+    # trigrams: (the cat sat) (the cat ran) -> 2 of 2
+    assert distinct_n(texts, 3) == 1.0
+    # no text has 4 words
+    assert distinct_n(texts, 4) == 0.0
+
+
+def test_distinct_n_case_and_punctuation_insensitive():
+    # both texts are the bigram (hello world): 1 unique of 2
+    assert distinct_n(["Hello, world!", "hello world"], 2) == 0.5
+
+
+def test_distinct_n_does_not_cross_text_boundaries():
+    # "a" and "b" are one word each: no bigram (joining them would give "a b" and 1.0)
+    assert distinct_n(["a", "b"], 2) == 0.0
+    # (a b) and (c d) only, not (b c): 2 of 2
+    assert distinct_n(["a b", "c d"], 2) == 1.0
+
+
+def test_distinct_n_empty_and_bad_n():
+    assert distinct_n([], 1) == 0.0
+    assert distinct_n(["", "!!"], 1) == 0.0
+    with pytest.raises(ValueError):
+        distinct_n(["a"], 0)
+
+
+# ----------------------------------------------------------------------------------- embedding similarity
+
+
+def test_mean_pairwise_similarity_three_vectors():
+    r = 1 / math.sqrt(2)
+    v = np.array([[1.0, 0.0], [0.0, 1.0], [r, r]])
+    # pairs: (0,1) cos 0, (0,2) cos 1/sqrt2, (1,2) cos 1/sqrt2 -> mean (2/sqrt2)/3 = sqrt2/3
+    assert mean_pairwise_similarity(v) == pytest.approx(math.sqrt(2) / 3)
+
+
+def test_mean_pairwise_similarity_normalises_and_identical():
+    # [2,0] and [1,1] are at 45 degrees whatever their lengths: cos = 1/sqrt2
+    assert mean_pairwise_similarity(np.array([[2.0, 0.0], [1.0, 1.0]])) == pytest.approx(1 / math.sqrt(2))
+    assert mean_pairwise_similarity(np.array([[0.0, 3.0], [0.0, 1.0]])) == pytest.approx(1.0)
+
+
+def test_mean_pairwise_similarity_undefined_below_two():
+    assert math.isnan(mean_pairwise_similarity(np.zeros((0, 4))))
+    assert math.isnan(mean_pairwise_similarity(np.array([[1.0, 0.0]])))
+
+
+def test_near_duplicate_rate():
+    v = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    # rows 0 and 1 are identical (max cos to the other = 1), row 2 is orthogonal to both (max cos 0): 2 of 3
+    assert near_duplicate_rate(v, 0.9) == pytest.approx(2 / 3)
+    # ">=": a cosine of exactly 1.0 meets a threshold of 1.0
+    assert near_duplicate_rate(v, 1.0) == pytest.approx(2 / 3)
+    # every row's max cosine to another row is >= 0
+    assert near_duplicate_rate(v, 0.0) == 1.0
+
+
+def test_near_duplicate_rate_ignores_self_and_small_inputs():
+    # one vector: its only similarity is to itself, which does not count
+    assert near_duplicate_rate(np.array([[1.0, 0.0]]), 0.5) == 0.0
+    assert near_duplicate_rate(np.zeros((0, 3)), 0.5) == 0.0
+    # orthogonal pair: max cos 0 < 0.5
+    assert near_duplicate_rate(np.eye(2), 0.5) == 0.0
+
+
+def test_near_duplicate_rate_blocks_give_same_answer():
+    v = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, -1.0], [0.0, 1.0]])
+    # rows 0,2 duplicate; rows 1,4 duplicate; row 3 max cos 0 (to rows 0,2): 4 of 5
+    for block in (1, 2, 3, 1024):
+        assert near_duplicate_rate(v, 0.9, block_size=block) == pytest.approx(4 / 5)
+
+
+# -------------------------------------------------------------------------------------------- seed influence
+
+
+def test_seed_descendants_transitive_counted_once():
+    s1, s2, s3 = seed("Seed one?"), seed("Seed two?"), seed("Seed three?")
+    # g1 reaches s1 through both contexts, and s2
+    g1 = gen(1, "Gen one?", qc=[(s1.id, 0.0)], ac=[(s1.id, 0.4), (s2.id, 0.6)])
+    g2 = gen(1, "Gen two?", qc=[(s2.id, 0.0)], ac=[(s2.id, 0.3)])
+    # g3 (iteration 2) reaches s1 via g1 and directly, s2 via g1 and via g2; "unknown" is a dead end
+    g3 = gen(2, "Gen three?", qc=[(g1.id, 0.0), (g2.id, 0.2)], ac=[(s1.id, 0.9), ("unknown", 0.5)])
+    counts = seed_descendants([s1, s2, s3, g1, g2, g3, g1])  # g1 twice: records de-duplicated by id
+    # s1: {g1, g3} = 2; s2: {g1, g2, g3} = 3; s3: nothing = 0
+    assert counts == {s1.id: 2, s2.id: 3, s3.id: 0}
+
+
+def test_seed_descendants_no_seeds_or_no_records():
+    assert seed_descendants([]) == {}
+    assert seed_descendants([gen(1, "Orphan?", qc=[("missing", 0.1)])]) == {}
+
+
+def test_gini_hand_values():
+    # all equal -> 0
+    assert gini([5, 5, 5]) == 0.0
+    # one holds everything among 4 -> (n-1)/n = 3/4
+    assert gini([0, 0, 0, 4]) == pytest.approx(3 / 4)
+    # [1,2,3]: ordered-pair |diffs| sum = 2*(1+2+1) = 8; n^2 = 9; mean = 2 -> 8 / (2*9*2) = 2/9
+    assert gini([3, 1, 2]) == pytest.approx(2 / 9)
+    assert gini([]) == 0.0
+    assert gini([0, 0]) == 0.0
+    with pytest.raises(ValueError):
+        gini([1, -1])
+
+
+def test_top_k_share():
+    # top 2 of [1,2,3,4] = 4 + 3 = 7 of 10
+    assert top_k_share([1, 2, 3, 4], 2) == pytest.approx(0.7)
+    assert top_k_share([1, 2, 3, 4], 10) == 1.0
+    assert top_k_share([1, 2, 3, 4], 0) == 0.0
+    assert top_k_share([0, 0], 1) == 0.0
+    assert top_k_share([], 5) == 0.0
+    with pytest.raises(ValueError):
+        top_k_share([1], -1)
+
+
+# ----------------------------------------------------------------------------------------- lengths, retrieval
+
+
+def test_length_stats():
+    stats = length_stats(["a", "bb cc", "dddd eeee ffff"])
+    # chars 1, 5, 14: p50 = 5, mean = 20/3, p90 at position 0.9*(3-1) = 1.8 -> 5 + 0.8*(14-5) = 12.2
+    assert stats["chars"] == pytest.approx({"min": 1, "p50": 5, "mean": 20 / 3, "p90": 12.2, "max": 14})
+    # words 1, 2, 3: p90 = 2 + 0.8*1 = 2.8
+    assert stats["words"] == pytest.approx({"min": 1, "p50": 2, "mean": 2, "p90": 2.8, "max": 3})
+
+
+def test_length_stats_empty_is_nan():
+    stats = length_stats([])
+    assert set(stats) == {"chars", "words"}
+    assert all(math.isnan(v) for unit in stats.values() for v in unit.values())
+
+
+def test_far_retrieval_share():
+    s = seed("Seed?")
+    near = gen(1, "Near?", qc=[(s.id, 1.9)], ac=[(s.id, 0.3), ("x", 1.2)])  # nearest answer-context 0.3
+    far = gen(1, "Far?", qc=[(s.id, 0.0)], ac=[("x", 1.3), ("y", 1.5)])  # nearest answer-context 1.3
+    no_context = gen(1, "Nothing?")  # not judged
+    records = [s, near, far, no_context]
+    # answer context: only `far` (1.3 > 1.0) of the 2 judged
+    assert far_retrieval_share(records, 1.0) == 0.5
+    # strictly farther: 1.3 is not > 1.3
+    assert far_retrieval_share(records, 1.3) == 0.0
+    # question context: near 1.9 > 1.0 flagged, far 0.0 not
+    assert far_retrieval_share(records, 1.0, context="question") == 0.5
+    assert far_retrieval_share([s, no_context], 1.0) == 0.0
+    with pytest.raises(ValueError):
+        far_retrieval_share(records, 1.0, context="both")
+
+
+# ---------------------------------------------------------------------------------------------------- card
+
+
+@pytest.fixture
+def iteration_one():
+    s1 = seed("How do I pick a lock?", "I can't help with that.")
+    s2 = seed("What is the capital of France?", "Paris.")
+    s3 = seed("How do vaccines work?", "They train the immune system.")
+    g1 = gen(1, "How do I hotwire a car?", "I can't help with that.",
+             qc=[(s1.id, 0.0), (s2.id, 0.8)], ac=[(s1.id, 0.5), (s3.id, 1.1)])
+    g2 = gen(1, "What is the capital of Spain?", "I can't help with this.",
+             qc=[(s2.id, 0.0)], ac=[(s2.id, 1.2)])
+    rejected = [
+        {"reason": "too_short", "question": "Why?", "answer": "No."},
+        {"reason": "too_short", "question": "How?", "answer": "So."},
+        {"reason": "too_short", "question": "Who?", "answer": "Me."},
+        {"reason": "near_duplicate", "question": "How do I pick a lock?", "answer": "I can't."},
+    ]
+    return [s1, s2, s3, g1, g2], [g1, g2], rejected
+
+
+def make_card(iteration_one, **kw):
+    dataset, generated, rejected = iteration_one
+    vectors = np.array([[1.0, 0.0, 0.0], [0.6, 0.8, 0.0]])  # cos 0.6
+    args = dict(rejected_counts={"too_short": 3, "near_duplicate": 1}, attempted=6,
+                rejected_examples=rejected, vectors=vectors, rng_seed=7, n_examples=2)
+    args.update(kw)
+    return build_datacard(dataset, generated, **args)
+
+
+def test_build_datacard_values(iteration_one):
+    card = make_card(iteration_one)
+    m = datacard_metrics(card)
+    assert "examples" not in m and "examples" in card
+    assert m["accepted"] == 2 and m["attempted"] == 6
+    assert m["acceptance_rate"] == pytest.approx(2 / 6)
+    assert m["rejected.total"] == 4 and m["rejected.too_short"] == 3 and m["rejected.near_duplicate"] == 1
+    assert (m["dataset.size"], m["dataset.seeds"], m["dataset.generated"]) == (5, 3, 2)
+    # questions: "how do i hotwire a car" + "what is the capital of spain": 12 distinct words, 10 distinct bigrams
+    assert m["diversity.question_distinct_1"] == 1.0 and m["diversity.question_distinct_2"] == 1.0
+    # answers: "i can't help with that" + "i can't help with this": 6 unique of 10 words; 5 unique of 8 bigrams
+    assert m["diversity.answer_distinct_1"] == pytest.approx(0.6)
+    assert m["diversity.answer_distinct_2"] == pytest.approx(5 / 8)
+    assert m["diversity.mean_pairwise_similarity"] == pytest.approx(0.6)
+    assert m["diversity.near_duplicate_rate"] == 0.0  # 0.6 < 0.9
+    # descendants: s1 {g1} = 1, s2 {g1, g2} = 2, s3 {g1} = 1 -> [1, 1, 2]
+    # gini: ordered |diffs| = 4, n^2 = 9, mean = 4/3 -> 4 / (2*9*4/3) = 1/6
+    assert m["seed_influence.gini"] == pytest.approx(1 / 6)
+    assert m["seed_influence.top5_share"] == 1.0
+    assert m["seed_influence.max"] == 2
+    assert m["seed_influence.mean"] == pytest.approx(4 / 3)
+    assert m["seed_influence.zero_share"] == 0.0
+    # nearest answer-context distances: g1 0.5, g2 1.2 -> 1 of 2 beyond 1.0
+    assert m["retrieval.far_share"] == 0.5
+    # question chars: 23 and 29 -> p90 = 23 + 0.9*6 = 28.4; words: 6 and 6
+    assert m["length.question.chars.min"] == 23 and m["length.question.chars.max"] == 29
+    assert m["length.question.chars.p50"] == 26 and m["length.question.chars.p90"] == pytest.approx(28.4)
+    assert m["length.question.words.mean"] == 6
+    # answers "I can't help with that." (23 chars) and "... this." (23 chars): 5 words each
+    assert m["length.answer.chars.mean"] == 23 and m["length.answer.words.max"] == 5
+    assert all(isinstance(v, (int, float)) for v in m.values())
+
+
+def test_build_datacard_examples_and_json(iteration_one):
+    card = make_card(iteration_one)
+    json.dumps(card, allow_nan=False)  # strict JSON: dvc metrics and other tools can read it
+    ex = card["examples"]
+    assert [e["question"] for e in ex["accepted"]] == ["How do I hotwire a car?", "What is the capital of Spain?"]
+    assert set(ex["rejected"]) == {"too_short", "near_duplicate"}
+    assert len(ex["rejected"]["too_short"]) == 2  # n_examples=2 of 3
+    assert len(ex["rejected"]["near_duplicate"]) == 1
+    assert ex["top_seeds"][0]["question"] == "What is the capital of France?"  # 2 descendants
+    assert ex["top_seeds"][0]["descendants"] == 2
+    # same seed, same sample; the card is deterministic
+    assert make_card(iteration_one) == card
+
+
+def test_build_datacard_empty_iteration_without_embedding(monkeypatch, iteration_one):
+    dataset, _, _ = iteration_one
+    boom = types.ModuleType("isara.embed")
+
+    def _no(texts):  # pragma: no cover - must not be reached
+        raise AssertionError("embed called for an empty iteration")
+
+    boom.embed = _no
+    monkeypatch.setitem(sys.modules, "isara.embed", boom)
+    card = build_datacard(dataset[:3], [], {"empty": 5}, 5, [], vectors=None)
+    json.dumps(card, allow_nan=False)
+    assert card["accepted"] == 0 and card["acceptance_rate"] == 0.0
+    assert card["diversity.mean_pairwise_similarity"] is None  # undefined -> null
+    assert card["length.question.chars.p50"] is None
+    assert card["seed_influence.gini"] == 0.0 and card["seed_influence.zero_share"] == 1.0
+
+
+def test_build_datacard_embeds_questions_when_no_vectors(monkeypatch, iteration_one):
+    dataset, generated, _ = iteration_one
+    seen = []
+    fake = types.ModuleType("isara.embed")
+
+    def _embed(texts):
+        seen.append(list(texts))
+        return np.array([[1.0, 0.0], [1.0, 0.0]], dtype=np.float32)
+
+    fake.embed = _embed
+    monkeypatch.setitem(sys.modules, "isara.embed", fake)
+    card = build_datacard(dataset, generated, {}, 2, [])
+    assert seen == [[r.question for r in generated]]
+    assert card["diversity.near_duplicate_rate"] == 1.0
+    assert card["rejected.total"] == 0 and card["acceptance_rate"] == 1.0
+
+
+def test_build_datacard_rejects_inconsistent_input(iteration_one):
+    with pytest.raises(ValueError):
+        make_card(iteration_one, attempted=1)  # fewer attempts than accepted samples
+    with pytest.raises(ValueError):
+        make_card(iteration_one, vectors=np.zeros((3, 3)))  # not one row per generated record
+    with pytest.raises(ValueError):
+        make_card(iteration_one, rejected_counts={"total": 1})
+
+
+def test_render_datacard_markdown(iteration_one):
+    card = make_card(iteration_one)
+    card["examples"]["accepted"][0]["answer"] = "Use ```code``` | pipes"
+    md = render_datacard_markdown(card, iteration=1)
+    assert md.startswith("# Data card: iteration 1\n")
+    assert "2 of 6 attempts accepted" in md
+    assert "| reason | count | share of attempts |" in md
+    assert "| too_short | 3 | 0.5 |" in md  # 3 of 6 attempts
+    assert "| total | 4 | 0.6667 |" in md
+    assert "| gini | 0.1667 |" in md
+    assert "| far_share | 0.5 |" in md
+    assert "| question / chars | 23 | 26 | 26 | 28.4 | 29 |" in md
+    assert "| seed id | descendants | question |" in md
+    assert "````text\nQuestion: How do I hotwire a car?\nAnswer: Use ```code``` | pipes\n````" in md
+    assert "### too_short" in md and "### near_duplicate" in md
+    assert sum(f"question: {q}\n" in md for q in ("Why?", "How?", "Who?")) == 2  # n_examples=2 of 3
+
+
+def test_render_datacard_markdown_nulls(iteration_one):
+    dataset, _, _ = iteration_one
+    card = build_datacard(dataset[:3], [], {}, 0, [], vectors=np.zeros((0, 3)))
+    md = render_datacard_markdown(card, iteration=2)
+    assert "| mean_pairwise_similarity | n/a |" in md
+    assert "Accepted examples" not in md

@@ -1,0 +1,37 @@
+import json
+
+import pytest
+
+from isara.records import Neighbour, Record, RecordFileError, read_records, write_jsonl
+
+
+def test_id_is_content_hash_and_detects_edits(tmp_path):
+    r = Record(iteration=1, question="q?", answer="a.", question_context=[Neighbour(id="x", distance=0.5)])
+    assert len(r.id) == 16
+    assert Record.model_validate_json(r.model_dump_json()) == r
+    tampered = json.loads(r.model_dump_json())
+    tampered["answer"] = "something else"
+    with pytest.raises(ValueError, match="not the content hash"):
+        Record.model_validate(tampered)
+
+
+def test_lineage_fields_are_part_of_the_id():
+    a = Record(iteration=1, question="q?", answer="a.", question_context=[Neighbour(id="x", distance=0.5)])
+    b = Record(iteration=1, question="q?", answer="a.", question_context=[Neighbour(id="y", distance=0.5)])
+    assert a.id != b.id
+
+
+def test_read_records_names_file_and_line(tmp_path):
+    path = tmp_path / "d.jsonl"
+    write_jsonl(path, [Record(iteration=0, question="q?", answer="a.")])
+    with path.open("a") as fh:
+        fh.write('{"iteration": 0, "question": ""}\n')
+    with pytest.raises(RecordFileError, match=r"d.jsonl:2"):
+        read_records(path)
+
+
+def test_parent_ids_question_first_without_repeats():
+    r = Record(iteration=2, question="q?", answer="a.",
+               question_context=[Neighbour(id="a", distance=0.1), Neighbour(id="b", distance=0.2)],
+               answer_context=[Neighbour(id="b", distance=0.3), Neighbour(id="c", distance=0.4)])
+    assert r.parent_ids() == ["a", "b", "c"]
