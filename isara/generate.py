@@ -8,26 +8,42 @@ going until n_samples are accepted or max_attempts run out. D(t) = D(t-1) + acce
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import time
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import click
 import numpy as np
 from tqdm import tqdm
 
+from isara.console import (
+    echo_metrics,
+    guard,
+    iteration_argument,
+    prev_option,
+    resolve_prev,
+    stage_params,
+)
 from isara.embed import embed
 from isara.filters import duplicate_reason, normalise, text_reason
 from isara.index import Retriever
 from isara.params import Generate
-from isara.paths import iter_paths
+from isara.paths import CHECKPOINTS, iter_paths
 from isara.prompts import ANSWER_STOP, QUESTION_STOP, answer_prompt, question_prompt
-from isara.records import Neighbour, Record, Sampling, file_sha256, read_records, write_json, write_jsonl
-
-import click
-
-from isara.console import echo_metrics, guard, iteration_argument, prev_option, resolve_prev, stage_params
+from isara.records import (
+    Neighbour,
+    Record,
+    Sampling,
+    file_sha256,
+    read_records,
+    write_json,
+    write_jsonl,
+)
 
 
 def load_llama(model_path: Path, n_ctx: int, n_threads: int, seed: int):
@@ -51,77 +67,164 @@ class GenerationResult:
     attempted: int = 0
     completion_tokens: int = 0
     seconds: float = 0.0
+    resumed_attempts: int = 0
 
     def rejected_by_reason(self) -> Counter:
         return Counter(r["reason"] for r in self.rejected)
 
 
+@dataclass
+class Outcome:
+    """What one attempt produced: an accepted record (with its question embedding) or a rejection."""
+
+    attempt: int
+    completion_tokens: int
+    record: Record | None = None
+    vector: list[float] | None = None
+    rejection: dict | None = None
+
+    def to_json(self) -> str:
+        return json.dumps({"attempt": self.attempt, "completion_tokens": self.completion_tokens,
+                           "record": self.record.model_dump(mode="json") if self.record else None,
+                           "vector": self.vector, "rejection": self.rejection}, ensure_ascii=False)
+
+    @classmethod
+    def from_json(cls, line: str) -> "Outcome":
+        row = json.loads(line)
+        record = Record.model_validate(row["record"]) if row["record"] else None
+        return cls(row["attempt"], row["completion_tokens"], record, row["vector"], row["rejection"])
+
+
+class KnownQuestions:
+    """Every question already in the data: D(t-1) plus what this run accepted. New ones must not repeat them."""
+
+    def __init__(self, questions: list[str], vectors: np.ndarray):
+        self.questions = list(questions)
+        self.normalised = {normalise(q) for q in questions}
+        self.vectors = vectors
+
+    def add(self, question: str, vector: np.ndarray) -> None:
+        self.questions.append(question)
+        self.normalised.add(normalise(question))
+        self.vectors = np.vstack([self.vectors, np.asarray(vector, dtype=np.float32)[None, :]])
+
+    def duplicate_reason(self, question: str, vector: np.ndarray, cfg: Generate) -> str | None:
+        return duplicate_reason(question, vector, self.questions, self.normalised, self.vectors, cfg)
+
+
 def complete(llm, prompt: str, sampling: Sampling, stop: list[str]) -> tuple[str, str, int]:
+    # Start from an empty KV cache: llama-cpp-python would otherwise reuse a matching prompt prefix from the
+    # previous call, and the result of a completion would depend on what ran before it (breaking resume).
+    llm.reset()
     out = llm.create_completion(prompt, max_tokens=sampling.max_tokens, temperature=sampling.temperature,
                                 top_p=sampling.top_p, seed=sampling.seed, stop=stop)
     choice = out["choices"][0]
     return choice["text"], choice["finish_reason"], out["usage"]["completion_tokens"]
 
 
+def run_attempt(llm, model_sha256: str, retriever: Retriever, known: KnownQuestions, iteration: int,
+                attempt: int, anchor: int, cfg: Generate) -> Outcome:
+    """One dual-stage attempt: a question from the anchor's neighbours, then an answer from the question's."""
+    q_neighbours = retriever.nearest_to_item(anchor, cfg.k_question)
+    q_sampling = Sampling(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_question_tokens,
+                          seed=attempt_seed(cfg.seed, iteration, attempt, 0))
+    raw_q, _, tokens = complete(llm, question_prompt(q_neighbours), q_sampling, QUESTION_STOP)
+    question = raw_q.strip()
+    rejection = {"attempt": attempt, "anchor_id": retriever.records[anchor].id, "raw_question": raw_q,
+                 "question": question}
+    reason = text_reason(question, None, cfg)
+    vector = None
+    if reason is None:
+        vector = embed([question])[0]
+        reason = known.duplicate_reason(question, vector, cfg)
+    if reason is not None:
+        return Outcome(attempt, tokens, rejection={**rejection, "reason": reason})
+
+    a_neighbours = retriever.nearest_to_vector(vector, cfg.k_answer)
+    a_sampling = Sampling(temperature=cfg.answer_temperature, top_p=cfg.top_p, max_tokens=cfg.max_answer_tokens,
+                          seed=attempt_seed(cfg.seed, iteration, attempt, 1))
+    raw_a, finish, n_tok = complete(llm, answer_prompt(a_neighbours, question), a_sampling, ANSWER_STOP)
+    tokens += n_tok
+    answer = raw_a.strip()
+    reason = text_reason(question, answer, cfg)
+    if reason is None and finish == "length":
+        reason = "answer_truncated"  # cut at max_answer_tokens: an unfinished answer would teach cut-offs
+    if reason is not None:
+        return Outcome(attempt, tokens, rejection={**rejection, "raw_answer": raw_a, "answer": answer, "reason": reason})
+    record = Record(
+        iteration=iteration, question=question, answer=answer, anchor_id=retriever.records[anchor].id,
+        question_context=[Neighbour(id=r.id, distance=d) for r, d in q_neighbours],
+        answer_context=[Neighbour(id=r.id, distance=d) for r, d in a_neighbours],
+        model_sha256=model_sha256, question_sampling=q_sampling, answer_sampling=a_sampling,
+        raw_question=raw_q, raw_answer=raw_a,
+    )
+    return Outcome(attempt, tokens, record=record, vector=[float(x) for x in vector])
+
+
+class Checkpoint:
+    """Append-only log of attempt outcomes, so a killed generate resumes where it stopped.
+
+    It lives outside DVC's outputs (DVC deletes those before rerunning a stage) and its name hashes
+    everything the outcomes depend on, so a run with other params, model or data never reuses it.
+    """
+
+    def __init__(self, path: Path | None):
+        self.path = path
+
+    def load(self) -> list[Outcome]:
+        if self.path is None or not self.path.exists():
+            return []
+        outcomes = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                outcomes.append(Outcome.from_json(line))
+            except (json.JSONDecodeError, KeyError, ValueError):
+                break  # a line cut by the kill: everything before it is sound
+        return outcomes
+
+    def append(self, outcome: Outcome) -> None:
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a", encoding="utf-8") as fh:
+            fh.write(outcome.to_json() + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def remove(self) -> None:
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+
+
 def generate_samples(llm, model_sha256: str, retriever: Retriever, iteration: int, cfg: Generate,
-                     progress: bool = True) -> GenerationResult:
+                     progress: bool = True, checkpoint: Checkpoint | None = None) -> GenerationResult:
+    checkpoint = checkpoint or Checkpoint(None)
     rng = np.random.default_rng([cfg.seed, iteration])
-    known_questions = [r.question for r in retriever.records]
-    known_normalised = {normalise(q) for q in known_questions}
-    known_vectors = retriever.vectors
+    known = KnownQuestions([r.question for r in retriever.records], retriever.vectors)
     result = GenerationResult()
-    start = time.perf_counter()
     bar = tqdm(total=cfg.n_samples, desc=f"generate@{iteration}", unit="sample", disable=not progress)
-    for attempt in range(cfg.max_attempts):
-        if len(result.accepted) >= cfg.n_samples:
-            break
+
+    def apply(outcome: Outcome) -> None:
         result.attempted += 1
-        anchor = int(rng.integers(len(retriever.records)))
-        q_neighbours = retriever.nearest_to_item(anchor, cfg.k_question)
-        q_sampling = Sampling(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_question_tokens,
-                              seed=attempt_seed(cfg.seed, iteration, attempt, 0))
-        raw_q, _, n_tok = complete(llm, question_prompt(q_neighbours), q_sampling, QUESTION_STOP)
-        result.completion_tokens += n_tok
-        question = raw_q.strip()
-        rejection = {"attempt": attempt, "anchor_id": retriever.records[anchor].id, "raw_question": raw_q,
-                     "question": question}
-        reason = text_reason(question, None, cfg)
-        vector = None
-        if reason is None:
-            vector = embed([question])[0]
-            reason = duplicate_reason(question, vector, known_questions, known_normalised, known_vectors, cfg)
-        if reason is not None:
-            result.rejected.append({**rejection, "reason": reason})
-            bar.set_postfix(attempts=result.attempted, rejected=len(result.rejected))
-            continue
-
-        a_neighbours = retriever.nearest_to_vector(vector, cfg.k_answer)
-        a_sampling = Sampling(temperature=cfg.answer_temperature, top_p=cfg.top_p, max_tokens=cfg.max_answer_tokens,
-                              seed=attempt_seed(cfg.seed, iteration, attempt, 1))
-        raw_a, finish, n_tok = complete(llm, answer_prompt(a_neighbours, question), a_sampling, ANSWER_STOP)
-        result.completion_tokens += n_tok
-        answer = raw_a.strip()
-        reason = text_reason(question, answer, cfg)
-        if reason is None and finish == "length":
-            reason = "answer_truncated"  # cut at max_answer_tokens: an unfinished answer would teach cut-offs
-        if reason is not None:
-            result.rejected.append({**rejection, "raw_answer": raw_a, "answer": answer, "reason": reason})
-            bar.set_postfix(attempts=result.attempted, rejected=len(result.rejected))
-            continue
-
-        record = Record(
-            iteration=iteration, question=question, answer=answer, anchor_id=retriever.records[anchor].id,
-            question_context=[Neighbour(id=r.id, distance=d) for r, d in q_neighbours],
-            answer_context=[Neighbour(id=r.id, distance=d) for r, d in a_neighbours],
-            model_sha256=model_sha256, question_sampling=q_sampling, answer_sampling=a_sampling,
-            raw_question=raw_q, raw_answer=raw_a,
-        )
-        result.accepted.append(record)
-        known_questions.append(question)
-        known_normalised.add(normalise(question))
-        known_vectors = np.vstack([known_vectors, vector[None, :]])
-        bar.update(1)
+        result.completion_tokens += outcome.completion_tokens
+        if outcome.record is not None:
+            result.accepted.append(outcome.record)
+            known.add(outcome.record.question, np.asarray(outcome.vector, dtype=np.float32))
+            bar.update(1)
+        else:
+            result.rejected.append(outcome.rejection)
         bar.set_postfix(attempts=result.attempted, rejected=len(result.rejected))
+
+    for outcome in checkpoint.load():
+        rng.integers(len(retriever.records))  # replay the anchor draw this attempt consumed
+        apply(outcome)
+    result.resumed_attempts = result.attempted
+    start = time.perf_counter()
+    while len(result.accepted) < cfg.n_samples and result.attempted < cfg.max_attempts:
+        anchor = int(rng.integers(len(retriever.records)))
+        outcome = run_attempt(llm, model_sha256, retriever, known, iteration, result.attempted, anchor, cfg)
+        checkpoint.append(outcome)
+        apply(outcome)
     bar.close()
     result.seconds = time.perf_counter() - start
     if len(result.accepted) < cfg.n_samples:
@@ -141,23 +244,36 @@ def generation_metrics(result: GenerationResult, cfg: Generate, prev_size: int) 
         "dataset_size": prev_size + len(result.accepted),
         "completion_tokens": result.completion_tokens,
         "seconds": round(result.seconds, 2),
+        "resumed_attempts": result.resumed_attempts,
         "accepted_per_second": round(len(result.accepted) / max(result.seconds, 1e-9), 4),
     }
     metrics["rejected_total"] = sum(metrics["rejected"].values())
     return metrics
 
 
+def checkpoint_path(iteration: str, cfg: Generate, model_sha: str, dataset: Path, index_dir: Path) -> Path:
+    h = hashlib.sha256()
+    h.update(cfg.model_dump_json().encode())
+    h.update(model_sha.encode())
+    h.update(file_sha256(dataset).encode())
+    h.update((index_dir / "ids.json").read_bytes())
+    return CHECKPOINTS / f"generate@{iteration}-{h.hexdigest()[:16]}.jsonl"
+
+
 def run_generate(iteration: str, prev: str, cfg: Generate, progress: bool = True) -> dict:
     here, before = iter_paths(iteration), iter_paths(prev)
     retriever = Retriever.load(here.index, before.dataset)
     previous = read_records(before.dataset)
+    model_sha = file_sha256(before.gguf)
+    checkpoint = Checkpoint(checkpoint_path(iteration, cfg, model_sha, before.dataset, here.index))
     llm = load_llama(before.gguf, cfg.n_ctx, cfg.n_threads, cfg.seed)
-    result = generate_samples(llm, file_sha256(before.gguf), retriever, int(iteration), cfg, progress)
+    result = generate_samples(llm, model_sha, retriever, int(iteration), cfg, progress, checkpoint)
     write_jsonl(here.generated, result.accepted)
     write_jsonl(here.rejected, result.rejected)
     write_jsonl(here.dataset, [*previous, *result.accepted])
     metrics = generation_metrics(result, cfg, len(previous))
     write_json(here.metrics("generate"), metrics)
+    checkpoint.remove()  # only once every output is written
     return metrics
 
 

@@ -12,6 +12,8 @@ from pathlib import Path
 ARTIFACTS = Path("artifacts")
 REPORTS = Path("reports")
 ITER_REPORTS = REPORTS / "iters"
+# Progress of interrupted stages: outside DVC outputs (DVC deletes those before a rerun), ignored by git.
+CHECKPOINTS = Path("checkpoints")
 
 
 @dataclass(frozen=True)
