@@ -14,17 +14,23 @@ import tempfile
 import time
 from pathlib import Path
 
+import click
 import torch
 from tqdm import tqdm
 
+from isara.console import (
+    echo_metrics,
+    guard,
+    iteration_argument,
+    prev_option,
+    resolve_prev,
+    stage_params,
+)
+from isara.export import TEMPLATE_FILE
 from isara.params import Finetune
 from isara.paths import iter_paths
 from isara.prompts import sft_prompt
 from isara.records import Record, read_records, write_json
-
-import click
-
-from isara.console import echo_metrics, guard, iteration_argument, prev_option, resolve_prev, stage_params
 
 IGNORE = -100  # label id that transformers' causal-LM loss skips
 
@@ -120,7 +126,7 @@ def train(model_dir: Path, records: list[Record], out_dir: Path, cfg: Finetune, 
         live.end()
 
     model.eval()
-    save_checkpoint(model, tokenizer, out_dir)
+    save_checkpoint(model, tokenizer, out_dir, carry=[Path(model_dir) / TEMPLATE_FILE])
     tail = losses[-steps_per_epoch:]
     return {
         "examples": len(examples),
@@ -134,14 +140,19 @@ def train(model_dir: Path, records: list[Record], out_dir: Path, cfg: Finetune, 
     }
 
 
-def save_checkpoint(model, tokenizer, out_dir: Path) -> None:
-    """Write into a temp folder and rename, so a crash never leaves a half-written checkpoint."""
+def save_checkpoint(model, tokenizer, out_dir: Path, carry: list[Path] = ()) -> None:
+    """Write into a temp folder and rename, so a crash never leaves a half-written checkpoint.
+
+    `carry`: files copied alongside, e.g. the GGUF template that export needs for the base's tokenizer.
+    """
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        for path in carry:
+            shutil.copyfile(path, tmp / path.name)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         tmp.rename(out_dir)

@@ -8,12 +8,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from isara.records import Record, write_jsonl
-from isara.paths import iter_paths
-
 import click
 
 from isara.console import echo_metrics, guard, stage_params
+from isara.params import DEFAULT_PARAMS, load_params
+from isara.paths import iter_paths
+from isara.records import Record, write_jsonl
 
 
 class SeedFileError(ValueError):
@@ -63,8 +63,39 @@ def read_seed_file(path: str | Path) -> list[Record]:
     return records
 
 
-def run_seeds(seed_path: Path) -> list[Record]:
-    records = read_seed_file(seed_path)
+def check_context(records: list[Record], path: Path, model_path: Path, n_ctx: int) -> None:
+    """Every seed, rendered as an in-context example, must fit the model's context (generate.n_ctx) with
+    room for the slot the model fills; otherwise it could never be retrieved into a prompt."""
+    from llama_cpp import Llama
+
+    from isara.prompts import render_example
+
+    vocab = Llama(model_path=str(model_path), vocab_only=True, verbose=False)
+    budget = n_ctx // 2  # half the window: the other half holds the neighbours and the completion
+    lines = _line_numbers(path)
+    for record, lineno in zip(records, lines):
+        n = len(vocab.tokenize(render_example(record).encode("utf-8"), add_bos=False))
+        if n > budget:
+            raise SeedFileError(f"{path}:{lineno}: seed is {n} tokens long, more than half of the model's context "
+                                f"(generate.n_ctx={n_ctx}): shorten it or raise generate.n_ctx")
+
+
+def _line_numbers(path: Path) -> list[int]:
+    text = Path(path).read_text(encoding="utf-8")
+    return [i for i, line in enumerate(text.splitlines(), start=1) if line.strip()]
+
+
+def validate_seed_file(path: str | Path, base_model: str, n_ctx: int) -> list[Record]:
+    """All the rules the pipeline applies to a seed file: format, content, and fit in the context."""
+    from isara.base_models import base_model_path
+
+    records = read_seed_file(path)
+    check_context(records, Path(path), base_model_path(base_model), n_ctx)
+    return records
+
+
+def run_seeds(seed_path: Path, base_model: str, n_ctx: int) -> list[Record]:
+    records = validate_seed_file(seed_path, base_model, n_ctx)
     write_jsonl(iter_paths(0).dataset, records)
     return records
 
@@ -75,13 +106,16 @@ def command(ctx: click.Context) -> None:
     """seeds stage: validate the seed file (params seeds.path) and write D0 with record ids."""
     if ctx.invoked_subcommand is None:
         p = stage_params()
-        records = guard(run_seeds, p.seeds.path)
+        records = guard(run_seeds, p.seeds.path, p.base.model, p.generate.n_ctx)
         echo_metrics("seeds", {"seeds": len(records), "dataset": str(iter_paths(0).dataset)})
 
 
 @command.command("check")
 @click.argument("file", type=click.Path(dir_okay=False))
-def check(file: str) -> None:
+@click.option("--params", "params_path", default=str(DEFAULT_PARAMS), show_default=True,
+              help="params file giving base.model and generate.n_ctx")
+def check(file: str, params_path: str) -> None:
     """Validate a seed file with exactly the rules the pipeline applies."""
-    records = guard(read_seed_file, file)
+    p = guard(load_params, params_path)
+    records = guard(validate_seed_file, file, p.base.model, p.generate.n_ctx)
     click.echo(f"{file}: ok ({len(records)} seeds)")

@@ -74,6 +74,7 @@ generate:
   seed: 0
 finetune: {max_steps: 1, batch_size: 4, max_length: 128, epochs: 1}
 export: {outtype: q8_0}
+datacard: {n_examples: 2}
 """
 
 
@@ -109,3 +110,8 @@ def tiny_project(tmp_path_factory) -> Project:
     project = make_project(tmp_path_factory.mktemp("pipeline") / "repo")
     project.repro = project.dvc("repro")
     return project
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `mutates_tiny_project` change the shared tiny project: run them after every other test."""
+    items.sort(key=lambda item: item.get_closest_marker("mutates_tiny_project") is not None)

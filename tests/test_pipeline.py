@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 
 import pytest
-
 from conftest import stages_run
+
 from isara.records import Record, read_records
 
 pytestmark = pytest.mark.slow
@@ -65,6 +65,7 @@ def test_second_repro_runs_nothing(tiny_project):
     assert stages_run(proc.stdout) == set()
 
 
+@pytest.mark.mutates_tiny_project
 def test_finetune_param_change_reruns_only_downstream(tiny_project):
     params = tiny_project.root / "params.yaml"
     params.write_text(params.read_text().replace("finetune: {max_steps: 1,", "finetune: {max_steps: 1, lr: 1.0e-4,"))
@@ -73,6 +74,7 @@ def test_finetune_param_change_reruns_only_downstream(tiny_project):
     assert not ran & {"seeds", "prepare", "index@1", "generate@1", "index@2"}, ran
 
 
+@pytest.mark.mutates_tiny_project
 def test_exp_run_with_second_seed_set(tiny_project):
     tiny_project.run("git", "commit", "-qam", "lr 1e-4")
     tiny_project.dvc("exp", "run", "-n", "alt-seeds", "-S", "seeds.path=data/seeds/tiny_alt.jsonl")
