@@ -76,3 +76,25 @@ def base_model_path(name: str) -> Path:
     if not path.is_file():
         raise BaseModelError(f"base model {name!r}: expected GGUF file {path} is missing (reinstall {model.distribution})")
     return path
+
+
+GGUF_MAGIC = b"GGUF"
+
+
+def check_gguf_file(path: Path, what: str) -> Path:
+    """`path` must exist and start with the GGUF magic bytes; `what` names the param in the message."""
+    path = Path(path)
+    if not path.is_file():
+        raise BaseModelError(f"{what} = {str(path)!r}: file not found")
+    with path.open("rb") as fh:
+        head = fh.read(4)
+    if head != GGUF_MAGIC:
+        raise BaseModelError(f"{what} = {str(path)!r}: not a GGUF file (starts with {head!r}, expected {GGUF_MAGIC!r})")
+    return path
+
+
+def resolve_base_model(name: str, path: Path | None = None) -> Path:
+    """The GGUF of M0: `base.path` when given (a user's own model), else the packaged model `base.model`."""
+    if path is not None:
+        return check_gguf_file(path, "base.path")
+    return base_model_path(name)

@@ -27,6 +27,7 @@ class Seeds(Section):
 
 class Base(Section):
     model: Literal["smollm2", "gemma3"] = "smollm2"
+    path: Path | None = None
 
 
 class Iteration(Section):
@@ -87,6 +88,41 @@ class Export(Section):
     outtype: Literal["q8_0", "f16", "f32"] = "q8_0"
 
 
+class Judge(Section):
+    # Folder with XSTest's human-labelled completions (xstest_v2_completions_*_gpteval.csv). None: no learned
+    # judge, string matching judges everything.
+    xstest_dir: Path | None = None
+    seed: int = 0  # prompt-grouped train/held-out split
+    test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+
+
+# Prompt file formats evaluate reads (loaders in isara.benchmarks): the project's JSONL, or a public benchmark.
+EvalFormat = Literal["eval", "harmbench", "advbench", "beavertails", "xstest", "hh_rlhf"]
+
+
+class Evaluate(Section):
+    harmful_path: Path = Path("data/eval/harmful.jsonl")
+    harmful_format: EvalFormat = "eval"
+    safe_path: Path = Path("data/eval/safe.jsonl")
+    safe_format: EvalFormat = "eval"
+    limit: int = Field(10, ge=0)  # prompts per set, spread round-robin over categories; 0 = all
+    max_tokens: int = Field(48, ge=1)
+    judge: Literal["auto", "strmatch", "learned"] = "auto"
+    k_icl: int = Field(4, ge=1, le=32)  # ICL-kNN baseline: retrieved seed QA pairs in context
+    n_ctx: int = Field(2048, ge=128)
+    n_threads: int = Field(2, ge=1)
+
+
+class Datacard(Section):
+    # 0.9 cosine between MiniLM sentence vectors is a paraphrase, not merely the same topic.
+    near_duplicate_threshold: float = Field(0.9, gt=0.0, le=1.0)
+    # Annoy angular distance sqrt(2 - 2 cos): 1.0 is cosine 0.5, beyond which a new question is off-topic.
+    far_distance: float = Field(1.0, gt=0.0, le=2.0)
+    n_examples: int = Field(3, ge=0)
+    top_k: int = Field(5, ge=1)
+    seed: int = 0
+
+
 class Params(Section):
     seeds: Seeds
     base: Base = Base()
@@ -95,6 +131,9 @@ class Params(Section):
     generate: Generate = Generate()
     finetune: Finetune = Finetune()
     export: Export = Export()
+    datacard: Datacard = Datacard()
+    judge: Judge = Judge()
+    evaluate: Evaluate = Evaluate()
 
     @model_validator(mode="after")
     def _schedule(self) -> "Params":

@@ -108,13 +108,13 @@ def run_prepare(cfg) -> dict:
     """prepare stage: M0 = the base GGUF (copied, so dvc.lock pins its hash) + its transformers checkpoint."""
     import time
 
-    from isara.base_models import base_model_path
+    from isara.base_models import resolve_base_model
     from isara.paths import iter_paths
     from isara.records import write_json
 
     start = time.perf_counter()
     here = iter_paths(0)
-    source = base_model_path(cfg.model)
+    source = resolve_base_model(cfg.model, cfg.path)
     here.dir.mkdir(parents=True, exist_ok=True)
     tmp = here.gguf.with_name(f".{here.gguf.name}.tmp")
     shutil.copyfile(source, tmp)

@@ -85,17 +85,18 @@ def _line_numbers(path: Path) -> list[int]:
     return [i for i, line in enumerate(text.splitlines(), start=1) if line.strip()]
 
 
-def validate_seed_file(path: str | Path, base_model: str, n_ctx: int) -> list[Record]:
-    """All the rules the pipeline applies to a seed file: format, content, and fit in the context."""
-    from isara.base_models import base_model_path
+def validate_seed_file(path: str | Path, base, n_ctx: int) -> list[Record]:
+    """All the rules the pipeline applies to a seed file: format, content, and fit in the context of the
+    base model (params `base`)."""
+    from isara.base_models import resolve_base_model
 
     records = read_seed_file(path)
-    check_context(records, Path(path), base_model_path(base_model), n_ctx)
+    check_context(records, Path(path), resolve_base_model(base.model, base.path), n_ctx)
     return records
 
 
-def run_seeds(seed_path: Path, base_model: str, n_ctx: int) -> list[Record]:
-    records = validate_seed_file(seed_path, base_model, n_ctx)
+def run_seeds(seed_path: Path, base, n_ctx: int) -> list[Record]:
+    records = validate_seed_file(seed_path, base, n_ctx)
     write_jsonl(iter_paths(0).dataset, records)
     return records
 
@@ -106,7 +107,7 @@ def command(ctx: click.Context) -> None:
     """seeds stage: validate the seed file (params seeds.path) and write D0 with record ids."""
     if ctx.invoked_subcommand is None:
         p = stage_params()
-        records = guard(run_seeds, p.seeds.path, p.base.model, p.generate.n_ctx)
+        records = guard(run_seeds, p.seeds.path, p.base, p.generate.n_ctx)
         echo_metrics("seeds", {"seeds": len(records), "dataset": str(iter_paths(0).dataset)})
 
 
@@ -117,5 +118,5 @@ def command(ctx: click.Context) -> None:
 def check(file: str, params_path: str) -> None:
     """Validate a seed file with exactly the rules the pipeline applies."""
     p = guard(load_params, params_path)
-    records = guard(validate_seed_file, file, p.base.model, p.generate.n_ctx)
+    records = guard(validate_seed_file, file, p.base, p.generate.n_ctx)
     click.echo(f"{file}: ok ({len(records)} seeds)")

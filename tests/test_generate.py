@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -91,3 +92,15 @@ def test_killed_generate_resumes_to_identical_records(reference, tmp_path):
     assert resumed >= done_before >= 2, out
     for name in ("generated.jsonl", "rejected.jsonl", "dataset.jsonl"):
         assert (root / "artifacts/1" / name).read_bytes() == (reference / "artifacts/1" / name).read_bytes(), name
+
+
+def test_attempt_budget_stops_with_warning_and_metric(tmp_path):
+    root = workspace(tmp_path / "budget")
+    params = root / "params.yaml"
+    params.write_text(params.read_text().replace("n_samples: 3, max_attempts: 30", "n_samples: 5, max_attempts: 5")
+                      .replace("max_answer_tokens: 96", "max_answer_tokens: 8"))  # every answer is cut short
+    proc = cli(root, "generate", "1")
+    assert "accepted 0 of 5 samples within max_attempts=5" in proc.stderr
+    metrics = json.loads((root / "reports/iters/1/generate.json").read_text())
+    assert metrics["attempted"] == 5 and metrics["accepted"] == 0 and metrics["shortfall"] == 5
+    assert sum(metrics["rejected"].values()) == 5

@@ -9,6 +9,7 @@ from click.testing import CliRunner
 from conftest import SEEDS
 
 from isara.cli import cli
+from isara.params import Base
 from isara.seeds import SeedFileError, read_seed_file, validate_seed_file
 
 GOOD = [{"question": "How do I pick a lock?", "answer": "I can't help with that."},
@@ -60,9 +61,9 @@ def test_non_utf8_names_the_line(tmp_path):
 def test_seed_longer_than_context_is_refused(tmp_path):
     long_answer = "I can't help with that. " + "Here is a safe alternative that is much longer. " * 80
     path = write_lines(tmp_path, rows(GOOD[0], {"question": "A long one?", "answer": long_answer}))
-    assert len(validate_seed_file(write_lines(tmp_path, rows(*GOOD), "ok.jsonl"), "smollm2", 2048)) == 2
+    assert len(validate_seed_file(write_lines(tmp_path, rows(*GOOD), "ok.jsonl"), Base(), 2048)) == 2
     with pytest.raises(SeedFileError, match=r"seeds.jsonl:2: seed is \d+ tokens long.*generate.n_ctx=512"):
-        validate_seed_file(path, "smollm2", 512)
+        validate_seed_file(path, Base(), 512)
 
 
 @pytest.mark.slow
@@ -79,3 +80,12 @@ def test_cli_check_uses_pipeline_rules(tmp_path):
 def test_project_seed_sets_pass(tmp_path):
     for name in ("safety", "safety_alt"):
         assert len(read_seed_file(SEEDS / f"{name}.jsonl")) == 64
+
+
+@pytest.mark.parametrize("content, message", [(None, "file not found"), (b"PK\x03\x04zip", "not a GGUF file")])
+def test_base_path_must_be_a_gguf(tmp_path, content, message):
+    path = tmp_path / "model.gguf"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(LookupError, match=f"base.path = '{path}': {message}"):
+        validate_seed_file(write_lines(tmp_path, rows(*GOOD)), Base(path=path), 2048)
