@@ -98,7 +98,7 @@ def train(model_dir: Path, records: list[Record], out_dir: Path, cfg: Finetune, 
         live = Live(str(log_dir), dvcyaml=None, save_dvc_exp=False, report=None)
 
     generator = torch.Generator().manual_seed(cfg.seed)
-    step, losses, tokens, start = 0, [], 0, time.perf_counter()
+    step, losses, tokens, slots, start = 0, [], 0, 0, time.perf_counter()
     bar = tqdm(total=total, desc="finetune", unit="step", disable=not progress)
     while step < total:
         for batch in length_grouped_batches(examples, cfg.batch_size, generator):
@@ -112,8 +112,9 @@ def train(model_dir: Path, records: list[Record], out_dir: Path, cfg: Finetune, 
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            tokens += int(inputs["attention_mask"].sum())
-            losses.append(float(loss))
+            tokens += int(inputs["attention_mask"].sum())  # real tokens only, padding excluded
+            slots += inputs["attention_mask"].numel()
+            losses.append(float(loss.detach()))
             if live is not None:
                 live.log_metric("loss", losses[-1])
                 live.log_metric("lr", schedule.get_last_lr()[0])
@@ -136,6 +137,7 @@ def train(model_dir: Path, records: list[Record], out_dir: Path, cfg: Finetune, 
         "last_epoch_mean_loss": round(sum(tail) / len(tail), 4),
         "train_tokens": tokens,
         "tokens_per_second": round(tokens / seconds, 2),
+        "padding_share": round(1 - tokens / slots, 4),
         "seconds": round(seconds, 2),
     }
 
