@@ -20,14 +20,19 @@ reads) plus one non-numeric key, `examples`; `datacard_metrics` strips that key 
 
 from __future__ import annotations
 
+import json
 import math
 import re
-from collections import Counter, deque
+from collections import deque
 from typing import Any, Iterable, Literal, Sequence
 
+import click
 import numpy as np
 
-from isara.records import Record
+from isara.console import guard, iteration_argument, stage_params
+from isara.params import Datacard
+from isara.paths import iter_paths
+from isara.records import Record, atomic_write_text, read_records, write_json
 
 EXAMPLES_KEY = "examples"
 
@@ -294,7 +299,9 @@ def build_datacard(
     answers = [r.answer for r in generated]
     if vectors is None:
         if questions:
-            from isara.embed import embed  # lazy: sentence-transformers only when the card must embed
+            from isara.embed import (
+                embed,  # lazy: sentence-transformers only when the card must embed
+            )
 
             vectors = embed(questions)
         else:
@@ -477,3 +484,41 @@ def render_datacard_markdown(card: dict[str, Any], iteration: int) -> str:
                 body = "\n".join(f"{k}: {v}" for k, v in ex.items() if k != "reason")
                 out.extend([_block(body or "(no fields)"), ""])
     return "\n".join(out).rstrip() + "\n"
+
+
+# --------------------------------------------------------------------------------------------- the stage
+
+
+def run_datacard(iteration: str, cfg: Datacard) -> dict[str, Any]:
+    """datacard@t: the card of iteration t from what generate@t wrote (D(t), accepted and rejected records).
+
+    Every attempt ends accepted or rejected with a reason, so attempted = accepted + rejected.
+    Writes reports/iters/<t>/datacard.json (flat numeric figures for `dvc metrics`) and reports/datacards/<t>.md.
+    """
+    here = iter_paths(iteration)
+    dataset = read_records(here.dataset)
+    generated = read_records(here.generated)
+    rejected = [json.loads(line) for line in here.rejected.read_text(encoding="utf-8").splitlines() if line.strip()]
+    counts: dict[str, int] = {}
+    for row in rejected:
+        reason = str(row.get("reason", "unknown"))
+        counts[reason] = counts.get(reason, 0) + 1
+    card = build_datacard(dataset, generated, counts, len(generated) + len(rejected), rejected,
+                          rng_seed=cfg.seed, n_examples=cfg.n_examples,
+                          near_duplicate_threshold=cfg.near_duplicate_threshold, far_distance=cfg.far_distance,
+                          top_k=cfg.top_k)
+    metrics = datacard_metrics(card)
+    write_json(here.metrics("datacard"), metrics)
+    atomic_write_text(here.datacard, render_datacard_markdown(card, int(iteration)))
+    return metrics
+
+
+@click.command("datacard")
+@iteration_argument
+def command(iteration: str) -> None:
+    """datacard@ITERATION: the data card of iteration t: volume, rejections, diversity, seed influence,
+    retrieval distances, lengths and examples (reports/datacards/<t>.md, figures in reports/iters/<t>)."""
+    p = stage_params()
+    m = guard(run_datacard, iteration, p.datacard)
+    keys = ("accepted", "attempted", "diversity.near_duplicate_rate", "seed_influence.gini", "retrieval.far_share")
+    click.echo(f"datacard@{iteration}: " + ", ".join(f"{k}={m.get(k)}" for k in keys))

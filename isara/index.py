@@ -13,17 +13,22 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import click
 import numpy as np
 from annoy import AnnoyIndex
 
+from isara.console import (
+    echo_metrics,
+    guard,
+    iteration_argument,
+    prev_option,
+    resolve_prev,
+    stage_params,
+)
 from isara.embed import EMBED_DIM, embed
 from isara.params import Index
 from isara.paths import iter_paths
 from isara.records import Record, read_records, write_json
-
-import click
-
-from isara.console import echo_metrics, guard, iteration_argument, prev_option, resolve_prev, stage_params
 
 INDEX_FILE = "questions.ann"
 IDS_FILE = "ids.json"

@@ -12,14 +12,23 @@ from pathlib import Path
 ARTIFACTS = Path("artifacts")
 REPORTS = Path("reports")
 ITER_REPORTS = REPORTS / "iters"
+# Markdown data cards, one per iteration (outside reports/iters, which the report stage depends on whole).
+DATACARDS = REPORTS / "datacards"
 # Progress of interrupted stages: outside DVC outputs (DVC deletes those before a rerun), ignored by git.
 CHECKPOINTS = Path("checkpoints")
+# The learned refusal judge (judge stage) and the baselines evaluated on the same prompts as every iteration.
+JUDGE = ARTIFACTS / "judge"
+JUDGE_METRICS = REPORTS / "judge.json"
+BASELINES = ("base", "icl_knn", "sft_seed", "one_shot")
+BASELINE_ARTIFACTS = ARTIFACTS / "baselines"
+BASELINE_REPORTS = REPORTS / "baselines"
 
 
 @dataclass(frozen=True)
 class IterPaths:
     iteration: str
     root: Path = ARTIFACTS
+    reports_root: Path = ITER_REPORTS
 
     @property
     def dir(self) -> Path:
@@ -55,11 +64,21 @@ class IterPaths:
         return self.dir / "model.gguf"
 
     @property
+    def responses(self) -> Path:
+        """evaluate's raw responses to every eval prompt, with each judge's verdict (re-judge from here)."""
+        return self.dir / "responses.jsonl"
+
+    @property
     def reports(self) -> Path:
-        return ITER_REPORTS / self.iteration
+        return self.reports_root / self.iteration
 
     def metrics(self, stage: str) -> Path:
         return self.reports / f"{stage}.json"
+
+    @property
+    def datacard(self) -> Path:
+        """The markdown data card of iteration t (datacard@t); its figures are metrics("datacard")."""
+        return DATACARDS / f"{self.iteration}.md"
 
     @property
     def train_log(self) -> Path:
@@ -69,3 +88,10 @@ class IterPaths:
 
 def iter_paths(iteration: str | int) -> IterPaths:
     return IterPaths(str(iteration))
+
+
+def baseline_paths(name: str) -> IterPaths:
+    """artifacts/baselines/<name>/ and reports/baselines/<name>/: the same file names as an iteration's."""
+    if name not in BASELINES:
+        raise ValueError(f"unknown baseline {name!r}; choose one of {list(BASELINES)}")
+    return IterPaths(name, root=BASELINE_ARTIFACTS, reports_root=BASELINE_REPORTS)

@@ -1,7 +1,13 @@
 import numpy as np
 import pytest
 
-from isara.filters import duplicate_reason, normalise, repeated_ngram_share, rouge_l, text_reason
+from isara.filters import (
+    duplicate_reason,
+    normalise,
+    repeated_ngram_share,
+    rouge_l,
+    text_reason,
+)
 from isara.params import Generate
 
 CFG = Generate()
