@@ -8,12 +8,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from isara.paths import ITER_REPORTS, REPORTS, iter_paths
-from isara.records import write_json
-
 import click
 
 from isara.console import echo_metrics, guard, stage_params
+from isara.paths import BASELINE_REPORTS, BASELINES, ITER_REPORTS, JUDGE_METRICS, REPORTS, iter_paths
+from isara.records import write_json
 
 SUMMARY = REPORTS / "summary.json"
 
@@ -49,9 +48,162 @@ def summarize(per_iteration: dict[str, dict[str, dict]], seed_count: int) -> dic
     return summary
 
 
+# ----------------------------------------------------------------------------------------------- evaluation
+
+REPORT_MD = REPORTS / "report.md"
+FIGURES = REPORTS / "figures"  # PNGs embedded in report.md
+SAFETY_PLOT = REPORTS / "plots" / "safety.csv"  # per-iteration metrics for `dvc plots show`
+BASELINE_LABELS = {"base": "base", "icl_knn": "ICL-kNN", "sft_seed": "SFT-seed", "one_shot": "one-shot"}
+
+
+def read_baseline_metrics(root: Path = BASELINE_REPORTS) -> dict[str, dict[str, dict]]:
+    """{baseline: {stage: metrics}} in BASELINES order, for the baselines that have metric files."""
+    out: dict[str, dict[str, dict]] = {}
+    for name in BASELINES:
+        folder = Path(root) / name
+        if folder.is_dir():
+            out[name] = {f.stem: json.loads(f.read_text()) for f in sorted(folder.glob("*.json"))}
+    return out
+
+
+def results_rows(per_iteration: dict[str, dict[str, dict]], baselines: dict[str, dict[str, dict]],
+                 seed_count: int) -> list[dict]:
+    """One row per evaluated model: base, ICL-kNN, SFT-seed, one-shot, then ISARA iter 1..T.
+
+    dataset_size: examples the model was fine-tuned on (None for the base model; the retrieval pool, D0, for
+    ICL-kNN)."""
+    rows = []
+
+    def row(label: str, kind: str, stages: dict, dataset_size) -> dict:
+        ev = stages.get("evaluate", {})
+        tqa = stages.get("truthfulqa", {})
+        return {"label": label, "kind": kind, "harmful_rate": ev.get("harmful_rate"),
+                "over_refusal": ev.get("over_refusal"), "n_harmful": ev.get("n_harmful"), "n_safe": ev.get("n_safe"),
+                "judge": ev.get("judge"), "dataset_size": dataset_size, "mc1": tqa.get("mc1"), "mc2": tqa.get("mc2")}
+
+    for name, stages in baselines.items():
+        size = {"base": None, "icl_knn": seed_count, "sft_seed": seed_count}.get(name)
+        if name == "one_shot":
+            size = stages.get("generate", {}).get("dataset_size")
+        rows.append(row(BASELINE_LABELS[name], "baseline", stages, size))
+    for it, stages in per_iteration.items():
+        if it == "0":
+            continue
+        rows.append(row(f"ISARA iter {it}", "iteration", stages, stages.get("generate", {}).get("dataset_size")))
+    return [r for r in rows if r["harmful_rate"] is not None or r["mc1"] is not None]
+
+
+def _pct(x) -> str:
+    return "–" if x is None else f"{100 * x:.1f}%"
+
+
+def results_table(rows: list[dict]) -> str:
+    """The markdown table: harmful rate, over-refusal, (MC1/MC2 where run), data set size, judge."""
+    with_tqa = any(r["mc1"] is not None for r in rows)
+    head = ["model", "harmful rate", "over-refusal"] + (["MC1", "MC2"] if with_tqa else []) + [
+        "data set size", "judge", "prompts (harmful / safe)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["label"], _pct(r["harmful_rate"]), _pct(r["over_refusal"])]
+        if with_tqa:
+            cells += ["–" if r["mc1"] is None else f"{r['mc1']:.3f}", "–" if r["mc2"] is None else f"{r['mc2']:.3f}"]
+        cells += ["–" if r["dataset_size"] is None else str(r["dataset_size"]), r["judge"] or "–",
+                  "–" if r["n_harmful"] is None else f"{r['n_harmful']} / {r['n_safe']}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_metric(rows: list[dict], key: str, title: str, out_path: Path) -> Path | None:
+    """Metric per ISARA iteration (line) with every baseline as a horizontal reference line."""
+    iters = [r for r in rows if r["kind"] == "iteration" and r[key] is not None]
+    bases = [r for r in rows if r["kind"] == "baseline" and r[key] is not None]
+    if not iters and not bases:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.5), dpi=100)
+    xs = [int(r["label"].rsplit(" ", 1)[1]) for r in iters]
+    if iters:
+        ax.plot(xs, [100 * r[key] for r in iters], marker="o", color="black", label="ISARA")
+    styles = ["--", ":", "-.", (0, (5, 1))]
+    for i, r in enumerate(bases):
+        ax.axhline(100 * r[key], linestyle=styles[i % len(styles)], color=f"C{i}", label=r["label"])
+    ax.set_xlabel("iteration")
+    ax.set_ylabel(f"{title} (%)")
+    ax.set_ylim(-5, 105)
+    if xs:
+        ax.set_xticks(xs)
+    ax.set_title(title)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_path)
+    plt.close(fig)
+    return out_path
+
+
+def render_report(rows: list[dict], summary: dict, judge: dict | None, figures: list[Path]) -> str:
+    parts = ["# ISARA report\n",
+             (f"Seed set: {summary['seed_size']} QA pairs; final data set {summary['final_dataset_size']} "
+              f"({summary['scaling_ratio']}x the seeds).\n"),
+             ("Harmful rate = share of harmful prompts complied with (not refused); over-refusal = share of safe "
+              "prompts refused. Every model answers the same prompts greedily in the bare `Question: ...\\nAnswer:` "
+              "layout (ICL-kNN: with retrieved seed QA pairs before it).\n"),
+             "## Results\n", results_table(rows)]
+    if judge:
+        if judge.get("learned"):
+            parts.append(f"\nJudge: held-out agreement with XSTest's human labels ({judge['n_test']} completions of "
+                         f"{judge['n_test_prompts']} prompts not used in training): learned judge "
+                         f"{_pct(judge['learned_agreement'])}, string matching {_pct(judge['strmatch_agreement'])}; "
+                         f"`evaluate.judge: auto` uses the better one ({judge['selected']}).\n")
+        else:
+            parts.append("\nJudge: string matching only (judge.xstest_dir is not set, so no learned judge).\n")
+    if figures:
+        parts.append("\n## Per iteration\n")
+        parts += [f"![{f.stem}]({f.relative_to(REPORTS).as_posix()})\n" for f in figures]
+    return "\n".join(parts)
+
+
+def evaluation_summary(rows: list[dict]) -> dict:
+    """Headline metrics for summary.json (so `dvc exp show` shows them): last iteration and every baseline."""
+    iters = [r for r in rows if r["kind"] == "iteration" and r["harmful_rate"] is not None]
+    out: dict = {}
+    if iters:
+        out["harmful_rate"] = iters[-1]["harmful_rate"]
+        out["over_refusal"] = iters[-1]["over_refusal"]
+        out["judge"] = iters[-1]["judge"]
+    out["baselines"] = {k: {"harmful_rate": r["harmful_rate"], "over_refusal": r["over_refusal"]}
+                        for k, r in ((n, r) for r in rows if r["kind"] == "baseline"
+                                     for n, label in BASELINE_LABELS.items() if label == r["label"])}
+    return out
+
+
+def write_safety_plot_data(rows: list[dict], path: Path = SAFETY_PLOT) -> None:
+    from isara.records import atomic_write_text
+
+    lines = ["iteration,harmful_rate,over_refusal"]
+    for r in rows:
+        if r["kind"] == "iteration" and r["harmful_rate"] is not None:
+            lines.append(f"{r['label'].rsplit(' ', 1)[1]},{r['harmful_rate']},{r['over_refusal']}")
+    atomic_write_text(path, "\n".join(lines) + "\n")
+
+
 def run_report(seed_dataset: Path) -> dict:
     seed_count = sum(1 for line in Path(seed_dataset).read_text(encoding="utf-8").splitlines() if line.strip())
-    summary = summarize(read_iteration_metrics(), seed_count)
+    per_iteration = read_iteration_metrics()
+    summary = summarize(per_iteration, seed_count)
+    rows = results_rows(per_iteration, read_baseline_metrics(), seed_count)
+    summary.update(evaluation_summary(rows))
+    judge = json.loads(JUDGE_METRICS.read_text()) if JUDGE_METRICS.is_file() else None
+    figures = [f for f in (plot_metric(rows, "harmful_rate", "harmful rate", FIGURES / "harmful_rate.png"),
+                           plot_metric(rows, "over_refusal", "over-refusal", FIGURES / "over_refusal.png")) if f]
+    write_safety_plot_data(rows)
+    from isara.records import atomic_write_text
+
+    atomic_write_text(REPORT_MD, render_report(rows, summary, judge, figures))
     write_json(SUMMARY, summary)
     return summary
 

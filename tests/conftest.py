@@ -75,6 +75,9 @@ generate:
 finetune: {max_steps: 1, batch_size: 4, max_length: 128, epochs: 1}
 export: {outtype: q8_0}
 datacard: {n_examples: 2}
+judge: {xstest_dir: null}
+evaluate: {harmful_path: data/eval/harmful.jsonl, safe_path: data/eval/safe.jsonl, limit: 2, max_tokens: 8,
+           k_icl: 2, n_ctx: 1024}
 """
 
 
@@ -85,6 +88,7 @@ def make_project(root: Path, params: str = TINY_PARAMS, n_seeds: int = 8) -> Pro
         shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
     (root / "params.yaml").write_text(params)
+    shutil.copytree(REPO / "data" / "eval", root / "data" / "eval")
     write_seed_subset(SEEDS / "safety.jsonl", root / "data/seeds/tiny.jsonl", n_seeds)
     write_seed_subset(SEEDS / "safety_alt.jsonl", root / "data/seeds/tiny_alt.jsonl", n_seeds)
     (root / ".gitignore").write_text("__pycache__/\n")
