@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from isara.export import TEMPLATE_FILE
 from isara.params import Finetune
 from isara.paths import iter_paths
 from isara.prompts import sft_prompt
-from isara.records import Record, read_records, write_json
+from isara.records import Record, atomic_directory, read_records, write_json
 
 IGNORE = -100  # label id that transformers' causal-LM loss skips
 
@@ -147,20 +146,11 @@ def save_checkpoint(model, tokenizer, out_dir: Path, carry: list[Path] = ()) -> 
 
     `carry`: files copied alongside, e.g. the GGUF template that export needs for the base's tokenizer.
     """
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
-    try:
+    with atomic_directory(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         for path in carry:
             shutil.copyfile(path, tmp / path.name)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def run_finetune(iteration: str, prev: str, cfg: Finetune, progress: bool = True) -> dict:

@@ -7,8 +7,6 @@ generate@t can filter near duplicates against D(t-1) without embedding it again.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +26,7 @@ from isara.console import (
 from isara.embed import EMBED_DIM, embed
 from isara.params import Index
 from isara.paths import iter_paths
-from isara.records import Record, read_records, write_json
+from isara.records import Record, atomic_directory, read_records, write_json
 
 INDEX_FILE = "questions.ann"
 IDS_FILE = "ids.json"
@@ -37,10 +35,7 @@ VECTORS_FILE = "embeddings.npy"
 
 def build_index(records: list[Record], out_dir: Path, n_trees: int, seed: int) -> None:
     vectors = embed([r.question for r in records])
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
-    try:
+    with atomic_directory(out_dir) as tmp:
         index = AnnoyIndex(EMBED_DIM, "angular")
         index.set_seed(seed)
         for i, v in enumerate(vectors):
@@ -49,12 +44,6 @@ def build_index(records: list[Record], out_dir: Path, n_trees: int, seed: int) -
         index.save(str(tmp / INDEX_FILE))
         (tmp / IDS_FILE).write_text(json.dumps([r.id for r in records]) + "\n")
         np.save(tmp / VECTORS_FILE, vectors)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 @dataclass
@@ -66,7 +55,7 @@ class Retriever:
     vectors: np.ndarray
 
     @classmethod
-    def load(cls, index_dir: Path, dataset: Path) -> "Retriever":
+    def load(cls, index_dir: Path, dataset: Path) -> Retriever:
         index_dir = Path(index_dir)
         ids = json.loads((index_dir / IDS_FILE).read_text())
         by_id = {r.id: r for r in read_records(dataset)}

@@ -8,12 +8,14 @@ question prompt and in the answer prompt point one hop back; `isara lineage` fol
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import shutil
 import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -56,7 +58,7 @@ class Record(BaseModel):
     raw_answer: str | None = None
 
     @model_validator(mode="after")
-    def _id_is_content_hash(self) -> "Record":
+    def _id_is_content_hash(self) -> Record:
         expected = content_id(self)
         if not self.id:
             object.__setattr__(self, "id", expected)
@@ -125,6 +127,23 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_directory(out_dir: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder next to `out_dir`; on success it replaces `out_dir` whole, on error it is removed.
+    A crash never leaves a half-written index or checkpoint where DVC or the next stage would take it for done."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+    try:
+        yield tmp
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 

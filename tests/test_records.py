@@ -35,3 +35,18 @@ def test_parent_ids_question_first_without_repeats():
                question_context=[Neighbour(id="a", distance=0.1), Neighbour(id="b", distance=0.2)],
                answer_context=[Neighbour(id="b", distance=0.3), Neighbour(id="c", distance=0.4)])
     assert r.parent_ids() == ["a", "b", "c"]
+
+
+def test_atomic_directory_replaces_whole_or_not_at_all(tmp_path):
+    from isara.records import atomic_directory
+
+    out = tmp_path / "ckpt"
+    with atomic_directory(out) as tmp:
+        (tmp / "a").write_text("1")
+    assert (out / "a").read_text() == "1"
+    with pytest.raises(RuntimeError):
+        with atomic_directory(out) as tmp:
+            (tmp / "b").write_text("half")
+            raise RuntimeError("crash while writing")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temp folder left
+    assert sorted(p.name for p in out.iterdir()) == ["a"]  # previous output untouched
