@@ -32,7 +32,7 @@ from isara.console import (
 from isara.embed import embed
 from isara.filters import duplicate_reason, normalise, text_reason
 from isara.index import Retriever
-from isara.params import Generate
+from isara.params import Generate, ParamsError
 from isara.paths import CHECKPOINTS, iter_paths
 from isara.prompts import ANSWER_STOP, QUESTION_STOP, answer_prompt, question_prompt
 from isara.records import (
@@ -260,9 +260,19 @@ def checkpoint_path(iteration: str, cfg: Generate, model_sha: str, dataset: Path
     return CHECKPOINTS / f"generate@{iteration}-{h.hexdigest()[:16]}.jsonl"
 
 
+def check_k(cfg: Generate, n_records: int, dataset: Path) -> None:
+    """Retrieval cannot return more neighbours than the data holds; fewer would silently shrink every prompt."""
+    for key in ("k_question", "k_answer"):
+        k = getattr(cfg, key)
+        if k > n_records:
+            raise ParamsError(f"params.yaml: generate.{key} = {k} is larger than the data set it retrieves from "
+                              f"({n_records} records in {dataset})")
+
+
 def run_generate(iteration: str, prev: str, cfg: Generate, progress: bool = True) -> dict:
     here, before = iter_paths(iteration), iter_paths(prev)
     retriever = Retriever.load(here.index, before.dataset)
+    check_k(cfg, len(retriever.records), before.dataset)
     previous = read_records(before.dataset)
     model_sha = file_sha256(before.gguf)
     checkpoint = Checkpoint(checkpoint_path(iteration, cfg, model_sha, before.dataset, here.index))

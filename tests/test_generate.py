@@ -104,3 +104,13 @@ def test_attempt_budget_stops_with_warning_and_metric(tmp_path):
     metrics = json.loads((root / "reports/iters/1/generate.json").read_text())
     assert metrics["attempted"] == 5 and metrics["accepted"] == 0 and metrics["shortfall"] == 5
     assert sum(metrics["rejected"].values()) == 5
+
+
+def test_k_larger_than_the_seed_set_is_a_clear_error(tmp_path):
+    root = workspace(tmp_path / "bigk")
+    params = root / "params.yaml"
+    params.write_text(params.read_text().replace("k_question: 3", "k_question: 9"))
+    proc = cli(root, "generate", "1", check=False)
+    assert proc.returncode == 1
+    assert "generate.k_question = 9 is larger than the data set it retrieves from (8 records in" in proc.stderr
+    assert not (root / "artifacts/1/generated.jsonl").exists()
