@@ -26,7 +26,7 @@ from isara.console import (
     stage_params,
 )
 from isara.export import TEMPLATE_FILE
-from isara.params import Finetune
+from isara.params import Finetune, ParamsError
 from isara.paths import iter_paths
 from isara.prompts import sft_prompt
 from isara.records import Record, atomic_directory, read_records, write_json
@@ -68,6 +68,44 @@ def collate(examples, batch: list[int], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+def answer_loss(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The causal-LM loss of `model(**inputs).loss`, with the LM head run only where a label is trained.
+
+    The head (vocabulary x hidden, the largest matrix of a small model) and its softmax would otherwise
+    run on every prompt and padding position only for the loss to ignore them.
+    """
+    hidden = model.get_decoder()(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])[0]
+    targets = inputs["labels"][:, 1:]
+    keep = targets != IGNORE
+    logits = model.get_output_embeddings()(hidden[:, :-1][keep]).float()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:  # Gemma-style soft cap, as the model's own forward applies it
+        logits = torch.tanh(logits / cap) * cap
+    return torch.nn.functional.cross_entropy(logits, targets[keep])
+
+
+def resolve_device(cfg: Finetune) -> torch.device:
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ParamsError("params.yaml: finetune.device = cuda, but torch sees no CUDA GPU "
+                          "(torch.cuda.is_available() is False); use auto or cpu")
+    return torch.device("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
+
+
+def cpu_has_bf16() -> bool:
+    """Native bf16 dot products (AVX512-BF16 or AMX): without them bf16 autocast on CPU is slower than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def use_bf16(cfg: Finetune, device: torch.device) -> bool:
+    if cfg.precision != "auto":
+        return cfg.precision == "bf16"
+    return torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_bf16()
+
+
 def train(model_dir: Path, records: list[Record], out_dir: Path, cfg: Finetune, log_dir: Path | None = None,
           progress: bool = True) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -75,7 +113,10 @@ def train(model_dir: Path, records: list[Record], out_dir: Path, cfg: Finetune, 
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.n_threads)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    device = resolve_device(cfg)
+    bf16 = use_bf16(cfg, device)
+    # Weights, gradients and optimizer state stay fp32; autocast runs the matmuls in bf16 (mixed precision).
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
     model.train()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     examples = encode(records, tokenizer, cfg.max_length)
@@ -103,8 +144,9 @@ def train(model_dir: Path, records: list[Record], out_dir: Path, cfg: Finetune, 
         for batch in length_grouped_batches(examples, cfg.batch_size, generator):
             if step >= total:
                 break
-            inputs = collate(examples, batch, pad_id)
-            loss = model(**inputs).loss
+            inputs = {k: v.to(device) for k, v in collate(examples, batch, pad_id).items()}
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                loss = answer_loss(model, inputs)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
@@ -126,6 +168,7 @@ def train(model_dir: Path, records: list[Record], out_dir: Path, cfg: Finetune, 
         live.end()
 
     model.eval()
+    model.to("cpu")
     save_checkpoint(model, tokenizer, out_dir, carry=[Path(model_dir) / TEMPLATE_FILE])
     tail = losses[-steps_per_epoch:]
     return {
@@ -138,6 +181,8 @@ def train(model_dir: Path, records: list[Record], out_dir: Path, cfg: Finetune, 
         "tokens_per_second": round(tokens / seconds, 2),
         "padding_share": round(1 - tokens / slots, 4),
         "seconds": round(seconds, 2),
+        "device": device.type,
+        "precision": "bf16" if bf16 else "fp32",
     }
 
 
