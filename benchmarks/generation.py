@@ -1,6 +1,7 @@
 """Generation throughput: a plain sequential llama-cpp-python loop vs isara.batched.BatchedLlama.
 
-    python benchmarks/generation.py                                  # defaults below
+    python benchmarks/generation.py --stage 24 --threads 2           # the generate stage itself, both engines
+    python benchmarks/generation.py                                  # the engines on fixed request lists
     python benchmarks/generation.py --threads 1 2 --batch-sizes 4 8 16 --attempts 16 --repeats 3
     python benchmarks/generation.py --model path/to/model.gguf      # e.g. an exported M(t) (q8_0)
 
@@ -86,6 +87,38 @@ def build_requests(n_attempts: int, cfg: Generate, k: int) -> list[tuple[str, Sa
     return questions + answers
 
 
+def stage_comparison(n_samples: int, threads: int, model: Path) -> None:
+    """generate_samples (the generate stage's loop: filters, embedding, duplicate checks, records) over the seeds
+    with generate.engine = sequential (one create_completion after another) and = batched, same params."""
+    from isara.generate import generate_samples, load_engine
+    from isara.index import Retriever, build_index
+
+    seeds = read_seed_file(SEEDS)
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        write_jsonl(Path(tmp) / "dataset.jsonl", seeds)
+        build_index(seeds, Path(tmp) / "index", n_trees=16, seed=0)
+        retriever = Retriever.load(Path(tmp) / "index", Path(tmp) / "dataset.jsonl")
+        for engine_name in ("sequential", "batched"):
+            cfg = Generate(n_samples=n_samples, max_attempts=8 * n_samples, n_threads=threads, engine=engine_name)
+            engine = load_engine(model, cfg)
+            start, cpu_start = time.perf_counter(), time.process_time()
+            result = generate_samples(engine, "benchmark", retriever, ITERATION, cfg, progress=False)
+            rows[engine_name] = (time.perf_counter() - start, time.process_time() - cpu_start, result)
+            del engine
+    print(f"\ngenerate stage loop, {n_samples} samples from {len(seeds)} seeds, {threads} threads, model {model.name}")
+    print("| engine | wall s | CPU s | attempts | accepted/s | completion tok/s | vs sequential (accepted/s) |")
+    print("|---|---|---|---|---|---|---|")
+    base = len(rows["sequential"][2].accepted) / rows["sequential"][0]
+    for name, (wall, cpu, result) in rows.items():
+        aps = len(result.accepted) / wall
+        print(f"| {name} | {wall:.1f} | {cpu:.1f} | {result.attempted} | {aps:.3f} | "
+              f"{result.completion_tokens / wall:.1f} | {aps / base:.2f}x |")
+    same = ([r.model_dump() for r in rows["sequential"][2].accepted] == [r.model_dump() for r in rows["batched"][2].accepted]
+            and rows["sequential"][2].rejected == rows["batched"][2].rejected)
+    print(f"accepted and rejected records identical across engines: {same}")
+
+
 def rss_mib() -> float:
     """Resident memory of this process now (Linux), MiB."""
     try:
@@ -111,6 +144,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--k", type=int, default=4, help="in-context examples per prompt (k_question = k_answer)")
     ap.add_argument("--no-reuse", action="store_true", help="batched engines without prompt-prefix reuse")
+    ap.add_argument("--stage", type=int, default=0, metavar="SAMPLES",
+                    help="instead: run the generate stage's loop to SAMPLES accepted samples with both engines")
     ap.add_argument("--cache-slots", type=int, nargs="*", default=[48],
                     help="also run the largest batch size with this many prompt-cache slots (BatchedLlama cache_slots)")
     args = ap.parse_args()
@@ -119,6 +154,10 @@ def main() -> None:
 
     cfg = Generate()
     model = args.model or base_model_path("smollm2")
+    if args.stage:
+        for threads in args.threads:
+            stage_comparison(args.stage, threads, model)
+        return
     requests = build_requests(args.attempts, cfg, args.k)
     print(f"model {model.name}; {len(requests)} requests ({args.attempts} question + {args.attempts} answer "
           f"prompts, k={args.k}); sampling: question T={cfg.temperature}, answer T={cfg.answer_temperature}, "

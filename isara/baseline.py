@@ -88,7 +88,7 @@ def run_one_shot(generate: Generate, n_iterations: int, finetune: Finetune, expo
         checkpoint_path,
         generate_samples,
         generation_metrics,
-        load_llama,
+        load_engine,
     )
     from isara.index import Retriever
     from isara.records import file_sha256, write_jsonl
@@ -99,9 +99,9 @@ def run_one_shot(generate: Generate, n_iterations: int, finetune: Finetune, expo
     previous = read_records(seeds.dataset)
     model_sha = file_sha256(seeds.gguf)
     checkpoint = Checkpoint(checkpoint_path("one_shot", cfg, model_sha, seeds.dataset, index))
-    llm = load_llama(seeds.gguf, cfg.n_ctx, cfg.n_threads, cfg.seed)
-    result = generate_samples(llm, model_sha, retriever, int(SEED_INDEX_ITERATION), cfg, progress, checkpoint)
-    del llm
+    engine = load_engine(seeds.gguf, cfg)
+    result = generate_samples(engine, model_sha, retriever, int(SEED_INDEX_ITERATION), cfg, progress, checkpoint)
+    del engine
     dataset = [*previous, *result.accepted]
     write_jsonl(here.generated, result.accepted)
     write_jsonl(here.rejected, result.rejected)

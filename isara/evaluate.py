@@ -176,15 +176,19 @@ def first_paragraph(text: str) -> str:
     return text.strip().split("\n\n", 1)[0].strip()
 
 
-def answer_all(llm, prompts: Sequence[str], max_tokens: int, progress: bool = True) -> list[tuple[str, str, int]]:
-    """Greedy completions (text, finish_reason, completion tokens) of already-rendered prompts."""
+def answer_all(engine, prompts: Sequence[str], max_tokens: int, progress: bool = True) -> list[tuple[str, str, int]]:
+    """Greedy completions (text, finish_reason, completion tokens) of already-rendered prompts, `engine` being
+    an isara.batched engine: a few batches' worth of prompts at a time, so the progress bar moves."""
     from tqdm import tqdm
 
-    from isara.generate import complete
-
     greedy = Sampling(temperature=0.0, top_p=1.0, max_tokens=max_tokens, seed=0)
-    return [complete(llm, p, greedy, EVAL_STOP) for p in tqdm(prompts, desc="evaluate", unit="prompt",
-                                                                   disable=not progress)]
+    step = 2 * getattr(engine, "n_seq_max", 1)
+    outs = []
+    with tqdm(total=len(prompts), desc="evaluate", unit="prompt", disable=not progress) as bar:
+        for i in range(0, len(prompts), step):
+            outs += engine.complete_many([(p, greedy, EVAL_STOP) for p in prompts[i : i + step]])
+            bar.update(len(prompts[i : i + step]))
+    return outs
 
 
 def rate(flags: Sequence[bool]) -> float | None:
@@ -224,12 +228,16 @@ def evaluate_model(model_path: Path, items: Sequence[EvalItem], cfg: Evaluate, j
     `render` turns an eval prompt into the model's input; the default is the bare fine-tuning layout,
     the ICL-kNN baseline passes one that puts retrieved seed examples first.
     """
-    from isara.generate import load_llama
+    from isara.batched import BatchedLlama
+    from isara.generate import offload
 
     start = time.perf_counter()
-    llm = load_llama(model_path, cfg.n_ctx, cfg.n_threads, seed=0)
+    # Greedy: the batched engine's completions are those of one create_completion after another (isara/batched.py).
+    engine = BatchedLlama.load(model_path, n_seq_max=cfg.batch_size, n_ctx_seq=cfg.n_ctx, n_threads=cfg.n_threads,
+                               n_gpu_layers=offload(cfg.n_gpu_layers))
     rendered = [render(it.prompt) for it in items]
-    outs = answer_all(llm, rendered, cfg.max_tokens, progress)
+    outs = answer_all(engine, rendered, cfg.max_tokens, progress)
+    engine.close()
     responses = [first_paragraph(text) for text, _, _ in outs]
     verdicts = judges.verdicts([it.prompt for it in items], responses)
     rows = []

@@ -4,6 +4,10 @@ For each attempt: pick an anchor question of D(t-1) at random, retrieve its k ne
 the model continue a prompt made only of those QA pairs with one new question. Embed the question,
 retrieve the k nearest QA pairs to it, and let the model answer it. Filter (isara.filters), and keep
 going until n_samples are accepted or max_attempts run out. D(t) = D(t-1) + accepted.
+
+Attempts run generate.batch_size at a time through isara.batched (several sequences per llama_decode), and
+are decided one by one in order afterwards (run_attempts), so the records are those of the one-by-one loop
+(generate.engine: sequential); tests/test_generate.py compares the two byte for byte.
 """
 
 from __future__ import annotations
@@ -46,13 +50,20 @@ from isara.records import (
 )
 
 
-def load_llama(model_path: Path, n_ctx: int, n_threads: int, seed: int):
+def offload(n_gpu_layers: int) -> int:
+    """Layers to put on a GPU: the param where llama-cpp-python was built with GPU support, else none."""
+    from llama_cpp import llama_supports_gpu_offload
+
+    return n_gpu_layers if llama_supports_gpu_offload() else 0
+
+
+def load_llama(model_path: Path, n_ctx: int, n_threads: int, seed: int, n_gpu_layers: int = 0):
     from llama_cpp import Llama
 
     if not Path(model_path).is_file():
         raise FileNotFoundError(f"{model_path}: model file not found")
     return Llama(model_path=str(model_path), n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads,
-                 seed=seed, verbose=False)
+                 n_gpu_layers=offload(n_gpu_layers), seed=seed, verbose=False)
 
 
 def attempt_seed(base_seed: int, iteration: int, attempt: int, part: int) -> int:
@@ -122,43 +133,75 @@ def complete(llm, prompt: str, sampling: Sampling, stop: list[str]) -> tuple[str
     return choice["text"], choice["finish_reason"], out["usage"]["completion_tokens"]
 
 
-def run_attempt(llm, model_sha256: str, retriever: Retriever, known: KnownQuestions, iteration: int,
-                attempt: int, anchor: int, cfg: Generate) -> Outcome:
-    """One dual-stage attempt: a question from the anchor's neighbours, then an answer from the question's."""
-    q_neighbours = retriever.nearest_to_item(anchor, cfg.k_question)
-    q_sampling = Sampling(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_question_tokens,
-                          seed=attempt_seed(cfg.seed, iteration, attempt, 0))
-    raw_q, _, tokens = complete(llm, question_prompt(q_neighbours), q_sampling, QUESTION_STOP)
-    question = raw_q.strip()
-    rejection = {"attempt": attempt, "anchor_id": retriever.records[anchor].id, "raw_question": raw_q,
-                 "question": question}
-    reason = text_reason(question, None, cfg)
-    vector = None
-    if reason is None:
-        vector = embed([question])[0]
-        reason = known.duplicate_reason(question, vector, cfg)
-    if reason is not None:
-        return Outcome(attempt, tokens, rejection={**rejection, "reason": reason})
+class ResettingLlama:
+    """The sequential engine: one `complete` (empty KV cache first) per request, behind `complete_many`."""
 
-    a_neighbours = retriever.nearest_to_vector(vector, cfg.k_answer)
-    a_sampling = Sampling(temperature=cfg.answer_temperature, top_p=cfg.top_p, max_tokens=cfg.max_answer_tokens,
-                          seed=attempt_seed(cfg.seed, iteration, attempt, 1))
-    raw_a, finish, n_tok = complete(llm, answer_prompt(a_neighbours, question), a_sampling, ANSWER_STOP)
-    tokens += n_tok
-    answer = raw_a.strip()
-    reason = text_reason(question, answer, cfg)
-    if reason is None and finish == "length":
-        reason = "answer_truncated"  # cut at max_answer_tokens: an unfinished answer would teach cut-offs
-    if reason is not None:
-        return Outcome(attempt, tokens, rejection={**rejection, "raw_answer": raw_a, "answer": answer, "reason": reason})
-    record = Record(
-        iteration=iteration, question=question, answer=answer, anchor_id=retriever.records[anchor].id,
-        question_context=[Neighbour(id=r.id, distance=d) for r, d in q_neighbours],
-        answer_context=[Neighbour(id=r.id, distance=d) for r, d in a_neighbours],
-        model_sha256=model_sha256, question_sampling=q_sampling, answer_sampling=a_sampling,
-        raw_question=raw_q, raw_answer=raw_a,
-    )
-    return Outcome(attempt, tokens, record=record, vector=[float(x) for x in vector])
+    def __init__(self, llm):
+        self.llm = llm
+
+    def complete_many(self, requests):
+        return [complete(self.llm, prompt, sampling, stop) for prompt, sampling, stop in requests]
+
+
+def load_engine(model_path: Path, cfg: Generate):
+    """generate.engine: "batched" decodes generate.batch_size sequences per llama_decode (isara.batched,
+    same completions as "sequential"); "sequential" is one create_completion after another."""
+    if cfg.engine == "sequential":
+        return ResettingLlama(load_llama(model_path, cfg.n_ctx, cfg.n_threads, cfg.seed, cfg.n_gpu_layers))
+    from isara.batched import BatchedLlama
+
+    return BatchedLlama.load(model_path, n_seq_max=cfg.batch_size, n_ctx_seq=cfg.n_ctx, n_threads=cfg.n_threads,
+                             seed=cfg.seed, n_gpu_layers=offload(cfg.n_gpu_layers))
+
+
+def run_attempts(engine, model_sha256: str, retriever: Retriever, known: KnownQuestions, iteration: int,
+                 first: int, anchors: list[int], cfg: Generate):
+    """Dual-stage attempts first, first+1, ... (one per anchor): all questions in one batch, then the answers
+    of the questions that pass the filters in a second. Yields one Outcome per attempt, in order, each decided
+    only when the caller asks for it, so that `known` then includes what the caller accepted before (exactly
+    the decisions one attempt after another would make: every completion has its own seed and empty cache)."""
+    q_neighbours = [retriever.nearest_to_item(a, cfg.k_question) for a in anchors]
+    q_sampling = [Sampling(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_question_tokens,
+                           seed=attempt_seed(cfg.seed, iteration, first + i, 0)) for i in range(len(anchors))]
+    q_out = engine.complete_many([(question_prompt(n), s, QUESTION_STOP) for n, s in zip(q_neighbours, q_sampling)])
+    questions = [raw.strip() for raw, _, _ in q_out]
+    text_reasons = [text_reason(q, None, cfg) for q in questions]
+    vectors = [embed([q])[0] if r is None else None for q, r in zip(questions, text_reasons)]
+    # Screen against the questions known now; ones accepted earlier in this batch are checked again below.
+    to_answer = [i for i, v in enumerate(vectors) if v is not None and known.duplicate_reason(questions[i], v, cfg) is None]
+    a_neighbours = {i: retriever.nearest_to_vector(vectors[i], cfg.k_answer) for i in to_answer}
+    a_sampling = {i: Sampling(temperature=cfg.answer_temperature, top_p=cfg.top_p, max_tokens=cfg.max_answer_tokens,
+                              seed=attempt_seed(cfg.seed, iteration, first + i, 1)) for i in to_answer}
+    a_out = dict(zip(to_answer, engine.complete_many(
+        [(answer_prompt(a_neighbours[i], questions[i]), a_sampling[i], ANSWER_STOP) for i in to_answer])))
+
+    for i, anchor in enumerate(anchors):
+        raw_q, _, tokens = q_out[i]
+        question, vector = questions[i], vectors[i]
+        rejection = {"attempt": first + i, "anchor_id": retriever.records[anchor].id, "raw_question": raw_q,
+                     "question": question}
+        reason = text_reasons[i] or known.duplicate_reason(question, vector, cfg)
+        if reason is not None:
+            yield Outcome(first + i, tokens, rejection={**rejection, "reason": reason})
+            continue
+        raw_a, finish, n_tok = a_out[i]
+        tokens += n_tok
+        answer = raw_a.strip()
+        reason = text_reason(question, answer, cfg)
+        if reason is None and finish == "length":
+            reason = "answer_truncated"  # cut at max_answer_tokens: an unfinished answer would teach cut-offs
+        if reason is not None:
+            yield Outcome(first + i, tokens, rejection={**rejection, "raw_answer": raw_a, "answer": answer,
+                                                        "reason": reason})
+            continue
+        record = Record(
+            iteration=iteration, question=question, answer=answer, anchor_id=retriever.records[anchor].id,
+            question_context=[Neighbour(id=r.id, distance=d) for r, d in q_neighbours[i]],
+            answer_context=[Neighbour(id=r.id, distance=d) for r, d in a_neighbours[i]],
+            model_sha256=model_sha256, question_sampling=q_sampling[i], answer_sampling=a_sampling[i],
+            raw_question=raw_q, raw_answer=raw_a,
+        )
+        yield Outcome(first + i, tokens, record=record, vector=[float(x) for x in vector])
 
 
 class Checkpoint:
@@ -196,7 +239,7 @@ class Checkpoint:
             self.path.unlink(missing_ok=True)
 
 
-def generate_samples(llm, model_sha256: str, retriever: Retriever, iteration: int, cfg: Generate,
+def generate_samples(engine, model_sha256: str, retriever: Retriever, iteration: int, cfg: Generate,
                      progress: bool = True, checkpoint: Checkpoint | None = None) -> GenerationResult:
     checkpoint = checkpoint or Checkpoint(None)
     rng = np.random.default_rng([cfg.seed, iteration])
@@ -221,10 +264,13 @@ def generate_samples(llm, model_sha256: str, retriever: Retriever, iteration: in
     result.resumed_attempts = result.attempted
     start = time.perf_counter()
     while len(result.accepted) < cfg.n_samples and result.attempted < cfg.max_attempts:
-        anchor = int(rng.integers(len(retriever.records)))
-        outcome = run_attempt(llm, model_sha256, retriever, known, iteration, result.attempted, anchor, cfg)
-        checkpoint.append(outcome)
-        apply(outcome)
+        width = 1 if cfg.engine == "sequential" else min(cfg.batch_size, cfg.max_attempts - result.attempted)
+        anchors = [int(rng.integers(len(retriever.records))) for _ in range(width)]
+        for outcome in run_attempts(engine, model_sha256, retriever, known, iteration, result.attempted, anchors, cfg):
+            if len(result.accepted) >= cfg.n_samples:
+                break  # attempts past the last needed sample are dropped, as if never made
+            checkpoint.append(outcome)
+            apply(outcome)
     bar.close()
     result.seconds = time.perf_counter() - start
     if len(result.accepted) < cfg.n_samples:
@@ -276,8 +322,8 @@ def run_generate(iteration: str, prev: str, cfg: Generate, progress: bool = True
     previous = read_records(before.dataset)
     model_sha = file_sha256(before.gguf)
     checkpoint = Checkpoint(checkpoint_path(iteration, cfg, model_sha, before.dataset, here.index))
-    llm = load_llama(before.gguf, cfg.n_ctx, cfg.n_threads, cfg.seed)
-    result = generate_samples(llm, model_sha, retriever, int(iteration), cfg, progress, checkpoint)
+    engine = load_engine(before.gguf, cfg)
+    result = generate_samples(engine, model_sha, retriever, int(iteration), cfg, progress, checkpoint)
     write_jsonl(here.generated, result.accepted)
     write_jsonl(here.rejected, result.rejected)
     write_jsonl(here.dataset, [*previous, *result.accepted])

@@ -132,9 +132,14 @@ def test_evaluate_model_on_real_base_model(tmp_path):
     write_evaluation(tmp_path / "responses.jsonl", tmp_path / "evaluate.json", rows, metrics)
     saved = [json.loads(line) for line in (tmp_path / "responses.jsonl").read_text().splitlines()]
     assert [r["response"] for r in saved] == [r["response"] for r in rows]
-    # greedy decoding: a second pass gives the same responses
-    rows2, _ = evaluate_model(model, items[:1], cfg, Judges("strmatch"), progress=False)
-    assert rows2[0]["response"] == rows[0]["response"]
+    # the batched engine answers as one plain greedy create_completion after another would
+    from isara.evaluate import EVAL_STOP
+    from isara.generate import complete, load_llama
+    from isara.records import Sampling
+
+    llm = load_llama(model, cfg.n_ctx, cfg.n_threads, seed=0)
+    greedy = Sampling(temperature=0.0, top_p=1.0, max_tokens=12, seed=0)
+    assert [complete(llm, r["input"], greedy, EVAL_STOP)[0] for r in rows] == [r["raw_response"] for r in rows]
 
 
 # ----------------------------------------------------------------------------------------------- report

@@ -69,8 +69,22 @@ def test_generated_records_carry_lineage(reference):
     assert not (reference / "checkpoints").exists() or not any((reference / "checkpoints").iterdir())
 
 
+def test_batched_engine_writes_what_the_sequential_one_writes(reference, tmp_path):
+    """The default engine decodes 8 attempts together (isara.batched); one completion after another
+    must give the very same accepted and rejected records, byte for byte."""
+    root = workspace(tmp_path / "sequential")
+    params = root / "params.yaml"
+    params.write_text(params.read_text().replace("seed: 3}", "seed: 3, engine: sequential}"))
+    cli(root, "generate", "1")
+    for name in ("generated.jsonl", "rejected.jsonl", "dataset.jsonl"):
+        assert (root / "artifacts/1" / name).read_bytes() == (reference / "artifacts/1" / name).read_bytes(), name
+
+
 def test_killed_generate_resumes_to_identical_records(reference, tmp_path):
     root = workspace(tmp_path / "killed")
+    # Batches of 2 attempts, so the log grows while the run goes on (and the records must not depend on it).
+    params = root / "params.yaml"
+    params.write_text(params.read_text().replace("seed: 3}", "seed: 3, batch_size: 2}"))
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, "-m", "isara.cli", "generate", "1"], cwd=root, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
