@@ -16,11 +16,11 @@ from isara.console import guard
 from isara.params import DEFAULT_PARAMS, load_params
 
 STAGES = ["seeds", "prepare", "index", "generate", "finetune", "export", "datacard", "judge", "evaluate", "baseline",
-          "report"]
+          "truthfulqa", "report"]
 # Stages whose command lives in another stage's module: (module, attribute).
 STAGE_COMMANDS = {"judge": ("evaluate", "judge_command")}
 # Commands outside the pipeline, also loaded lazily: name -> (module, attribute).
-TOOLS = {"truthfulqa": ("truthfulqa", "command"), "truthfulqa-seeds": ("truthfulqa", "seeds_command")}
+TOOLS = {"truthfulqa-score": ("truthfulqa", "score_command"), "truthfulqa-seeds": ("truthfulqa", "seeds_command")}
 
 
 class StageGroup(click.Group):

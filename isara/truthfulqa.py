@@ -1,8 +1,13 @@
-"""TruthfulQA: MC1/MC2 from answer log-likelihoods through llama.cpp, and the truthfulness-domain seed set.
+"""truthfulqa stage: TruthfulQA MC1/MC2 from answer log-likelihoods through llama.cpp; the truthfulness-domain seeds.
 
-    isara truthfulqa --model artifacts/0/model.gguf --limit 50 --out reports/baselines/base/truthfulqa.json
-    isara truthfulqa --model artifacts/2/model.gguf --exclude ~/tqa/seeds.jsonl --out reports/iters/2/truthfulqa.json
+    isara truthfulqa 2          # stage truthfulqa@2: M(2) on the held-out questions (params: truthfulqa)
+    isara truthfulqa base       # stage truthfulqa_base: the base model M0
+    isara truthfulqa-score --model some.gguf --exclude ~/tqa/seeds.jsonl --limit 100   # any GGUF, no DVC
     isara truthfulqa-seeds --out ~/tqa/seeds.jsonl --heldout ~/tqa/heldout.jsonl   # 64 stratified questions
+
+The stage skips every question that is in the seed set D0 (so with the truthfulness-domain seeds the score is on
+held-out questions only) and writes reports/iters/<t>/truthfulqa.json (reports/baselines/base/ for M0), which
+`dvc exp show` and the report's MC1/MC2 columns read; per-question scores go to artifacts/<t>/truthfulqa.jsonl.
 
 MC1/MC2 as the TruthfulQA authors define them (Lin et al. 2022; benchmarks/SOURCES.md): each answer is scored
 by the sum of the log-probs of its tokens after the prompt `QA_PRIMER + "\\n\\nQ: " + question + "\\nA:"` (the
@@ -110,12 +115,14 @@ class LogLikelihood:
         return float(logprobs[np.arange(len(full) - start), full[start:]].sum())
 
 
-def evaluate_mc(model_path: Path, items, n_threads: int = 2, progress: bool = True) -> dict:
+def evaluate_mc(model_path: Path, items, n_threads: int = 2, progress: bool = True, n_ctx: int = 1024) -> dict:
     """MC1/MC2 averaged over `items` (isara.benchmarks.TruthfulQAItem), with per-question scores."""
     from tqdm import tqdm
 
+    if not items:
+        raise ValueError("TruthfulQA: no questions left to score (all excluded, or an empty file)")
     start = time.perf_counter()
-    lm = LogLikelihood(model_path, n_threads=n_threads)
+    lm = LogLikelihood(model_path, n_ctx=n_ctx, n_threads=n_threads)
     per_question = []
     for item in tqdm(items, desc="truthfulqa", unit="question", disable=not progress):
         prompt = mc_prompt(item.question)
@@ -167,7 +174,45 @@ def _default_csv() -> Path:
     return benchmark_path(TRUTHFULQA)
 
 
+def heldout_items(csv_path: Path, seed_questions: set[str], limit: int) -> list:
+    """TruthfulQA items whose question is not a seed question, the first `limit` of them (0 = all)."""
+    from isara.benchmarks import load_truthfulqa
+
+    items = [it for it in load_truthfulqa(csv_path) if it.question not in seed_questions]
+    return items[:limit] if limit > 0 else items
+
+
+def run_truthfulqa(target: str, cfg, progress: bool = True) -> dict:
+    """Stage truthfulqa@<t> (target = iteration) or truthfulqa_base (target = "base")."""
+    from isara.paths import baseline_paths, iter_paths
+    from isara.records import read_records, write_json, write_jsonl
+
+    model = iter_paths(0 if target == "base" else target).gguf
+    out = baseline_paths("base") if target == "base" else iter_paths(target)
+    if cfg.csv is None:
+        metrics = {"skipped": "params.yaml: truthfulqa.csv is null"}
+        rows = []
+    else:
+        seeds = {r.question for r in read_records(iter_paths(0).dataset)}
+        metrics = evaluate_mc(model, heldout_items(Path(cfg.csv), seeds, cfg.limit), cfg.n_threads, progress, cfg.n_ctx)
+        rows = metrics.pop("questions")
+        metrics["excluded_seed_questions"] = len(seeds)
+    write_jsonl(out.dir / "truthfulqa.jsonl", rows)
+    write_json(out.metrics("truthfulqa"), metrics)
+    return metrics
+
+
 @click.command("truthfulqa")
+@click.argument("target")
+def command(target: str) -> None:
+    """truthfulqa@ITERATION (or TARGET=base: truthfulqa_base): TruthfulQA MC1/MC2 on questions not in the seeds."""
+    from isara.console import echo_metrics, stage_params
+
+    p = stage_params()
+    echo_metrics(f"truthfulqa@{target}", guard(run_truthfulqa, target, p.truthfulqa))
+
+
+@click.command("truthfulqa-score")
 @click.option("--model", "model_path", required=True, type=click.Path(dir_okay=False), help="GGUF model file.")
 @click.option("--csv", "csv_path", default=None, type=click.Path(dir_okay=False),
               help="TruthfulQA.csv (default: ../shared/data/benchmarks/truthfulqa/TruthfulQA.csv).")
@@ -176,19 +221,16 @@ def _default_csv() -> Path:
               help="Seed JSONL whose questions are skipped (the truthfulness-domain seed set).")
 @click.option("--out", default=None, type=click.Path(dir_okay=False), help="Write the metrics JSON here.")
 @click.option("--threads", default=2, show_default=True)
-def command(model_path: str, csv_path: str | None, limit: int, exclude: str | None, out: str | None,
-            threads: int) -> None:
-    """TruthfulQA MC1/MC2 of a GGUF model from answer log-likelihoods (llama.cpp)."""
-    from isara.benchmarks import load_truthfulqa
+def score_command(model_path: str, csv_path: str | None, limit: int, exclude: str | None, out: str | None,
+                  threads: int) -> None:
+    """TruthfulQA MC1/MC2 of any GGUF model from answer log-likelihoods (llama.cpp), outside the pipeline."""
     from isara.records import write_json
 
-    items = guard(load_truthfulqa, Path(csv_path) if csv_path else _default_csv())
+    skip = set()
     if exclude:
         skip = {json.loads(line)["question"] for line in Path(exclude).read_text(encoding="utf-8").splitlines()
                 if line.strip()}
-        items = [it for it in items if it.question not in skip]
-    if limit > 0:
-        items = items[:limit]
+    items = guard(heldout_items, Path(csv_path) if csv_path else _default_csv(), skip, limit)
     metrics = guard(evaluate_mc, Path(model_path), items, threads)
     metrics["model"] = str(model_path)
     if out:

@@ -78,7 +78,11 @@ datacard: {n_examples: 2}
 judge: {xstest_dir: null}
 evaluate: {harmful_path: data/eval/harmful.jsonl, safe_path: data/eval/safe.jsonl, limit: 2, max_tokens: 8,
            k_icl: 2, n_ctx: 1024}
+truthfulqa: {csv: TQA_CSV, limit: 2}
 """
+# The shared TruthfulQA file where it lies beside this checkout; without it the truthfulqa stages record a skip.
+_TQA = REPO.parent / "shared" / "data" / "benchmarks" / "truthfulqa" / "TruthfulQA.csv"
+TINY_PARAMS = TINY_PARAMS.replace("TQA_CSV", str(_TQA) if _TQA.is_file() else "null")
 
 
 def make_project(root: Path, params: str = TINY_PARAMS, n_seeds: int = 8) -> Project:

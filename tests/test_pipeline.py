@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -11,7 +12,7 @@ from isara.records import Record, read_records
 
 pytestmark = pytest.mark.slow
 
-LOOPED = ["index", "generate", "finetune", "export"]
+LOOPED = ["index", "generate", "finetune", "export", "datacard", "evaluate", "truthfulqa"]
 
 
 def test_repro_builds_every_artifact(tiny_project):
@@ -33,6 +34,19 @@ def test_dvc_stage_list_has_one_stage_per_iteration(tiny_project):
     for stage in LOOPED:
         assert {n for n in names if n.startswith(stage + "@")} == {f"{stage}@1", f"{stage}@2"}
     assert {"seeds", "prepare", "report"} <= names
+
+
+def test_truthfulqa_scores_base_and_every_iteration(tiny_project):
+    if tiny_project.json("reports/baselines/base/truthfulqa.json").get("skipped"):
+        pytest.skip("shared TruthfulQA.csv is not beside this checkout")
+    for rel in ("reports/baselines/base/truthfulqa.json", "reports/iters/1/truthfulqa.json",
+                "reports/iters/2/truthfulqa.json"):
+        m = tiny_project.json(rel)
+        assert m["n_questions"] == 2 and 0 <= m["mc1"] <= 1 and 0 < m["mc2"] < 1, (rel, m)
+    rows = [json.loads(line) for line in (tiny_project.root / "artifacts/2/truthfulqa.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and {"question", "mc1", "mc2"} <= rows[0].keys()
+    report = (tiny_project.root / "reports/report.md").read_text()
+    assert "| MC1 | MC2 |" in report
 
 
 def test_generated_records_validate_and_trace_to_seeds(tiny_project):

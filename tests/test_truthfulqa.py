@@ -68,3 +68,26 @@ def test_loglikelihood_prefix_cache_matches_a_fresh_evaluation():
     fresh = lm.score(p, " Nothing happens.")
     assert first < 0 and other < 0
     assert again == pytest.approx(first, abs=1e-4) and fresh == pytest.approx(first, abs=1e-4)
+
+
+@pytest.mark.skipif(not TQA.is_file(), reason="shared TruthfulQA.csv not present")
+def test_heldout_items_skip_seed_questions_before_the_limit():
+    from isara.benchmarks import load_truthfulqa
+    from isara.truthfulqa import heldout_items
+
+    items = load_truthfulqa(TQA)
+    seeds = {items[0].question, items[2].question}
+    kept = heldout_items(TQA, seeds, limit=3)
+    assert [it.question for it in kept] == [items[1].question, items[3].question, items[4].question]
+    assert len(heldout_items(TQA, seeds, limit=0)) == len(items) - 2
+
+
+def test_stage_without_a_csv_records_the_skip(tmp_path, monkeypatch):
+    from isara.params import Truthfulqa
+    from isara.truthfulqa import run_truthfulqa
+
+    monkeypatch.chdir(tmp_path)
+    metrics = run_truthfulqa("base", Truthfulqa(csv=None))
+    assert metrics == {"skipped": "params.yaml: truthfulqa.csv is null"}
+    assert (tmp_path / "reports/baselines/base/truthfulqa.json").is_file()
+    assert (tmp_path / "artifacts/baselines/base/truthfulqa.jsonl").read_text() == ""
