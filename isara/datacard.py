@@ -39,9 +39,23 @@ EXAMPLES_KEY = "examples"
 # Defaults for the two thresholds the card needs; the stage passes its own params.
 # 0.9 cosine between MiniLM sentence vectors is a paraphrase, not merely the same topic.
 DEFAULT_NEAR_DUPLICATE_THRESHOLD = 0.9
-# Annoy angular distance sqrt(2 - 2 cos): 1.0 is cosine 0.5. Questions from one domain sit well inside it
-# (MiniLM cosine of related questions is typically 0.5-0.8); a question with no example that close is off-topic.
+# Annoy angular distance sqrt(2 - 2 cos): 1.0 is cosine 0.5. A fixed number fits no seed set well (the 64
+# safety seeds cover 14 harm areas: half of them have no other seed within 1.09), hence the default below.
 DEFAULT_FAR_DISTANCE = 1.0
+# datacard.far_distance null: "far" = beyond this quantile of the seeds' own nearest-other-seed distances, i.e.
+# a new question lies farther from the data than 95% of the seeds lie from each other.
+FAR_QUANTILE = 0.95
+
+
+def seed_far_distance(seed_vectors: np.ndarray, quantile: float = FAR_QUANTILE) -> float:
+    """The `quantile` of each seed's angular distance to its nearest other seed (at least 2 seeds)."""
+    v = np.asarray(seed_vectors, dtype=np.float64)
+    if len(v) < 2:
+        raise ValueError("the out-of-domain threshold needs at least 2 seeds")
+    v = v / np.linalg.norm(v, axis=1, keepdims=True)
+    cos = v @ v.T
+    np.fill_diagonal(cos, -np.inf)
+    return float(np.quantile(np.sqrt(np.clip(2 - 2 * cos.max(axis=1), 0, None)), quantile))
 
 _WORD = re.compile(r"\w+(?:'\w+)*")
 
@@ -338,6 +352,7 @@ def build_datacard(
     card["seed_influence.max"] = max(counts, default=0)
     card["seed_influence.mean"] = float(np.mean(counts)) if counts else 0.0
     card["seed_influence.zero_share"] = sum(1 for c in counts if c == 0) / len(counts) if counts else 0.0
+    card["retrieval.far_distance"] = far_distance
     card["retrieval.far_share"] = far_retrieval_share(generated, far_distance)
     for field, texts in (("question", questions), ("answer", answers)):
         for unit, stats in length_stats(texts).items():
@@ -446,8 +461,9 @@ def render_datacard_markdown(card: dict[str, Any], iteration: int) -> str:
     section("Seed influence", "seed_influence.",
             "Generated records descending from each seed (all iterations); Gini 0 = even, (n-1)/n = one seed.")
     section("Retrieval", "retrieval.",
-            "far_share: share of new questions whose nearest retrieved example is beyond the distance threshold "
-            "(out-of-domain flag).")
+            "far_share: share of new questions whose nearest retrieved example is beyond far_distance (Annoy angular "
+            "distance; by default the 95th percentile of the seeds' distances to their nearest other seed): the "
+            "out-of-domain flag.")
 
     length_keys = [k for k in metrics if k.startswith("length.")]
     if length_keys:
@@ -503,9 +519,14 @@ def run_datacard(iteration: str, cfg: Datacard) -> dict[str, Any]:
     for row in rejected:
         reason = str(row.get("reason", "unknown"))
         counts[reason] = counts.get(reason, 0) + 1
+    far = cfg.far_distance
+    if far is None:
+        from isara.embed import embed
+
+        far = seed_far_distance(embed([r.question for r in dataset if r.is_seed]))
     card = build_datacard(dataset, generated, counts, len(generated) + len(rejected), rejected,
                           rng_seed=cfg.seed, n_examples=cfg.n_examples,
-                          near_duplicate_threshold=cfg.near_duplicate_threshold, far_distance=cfg.far_distance,
+                          near_duplicate_threshold=cfg.near_duplicate_threshold, far_distance=far,
                           top_k=cfg.top_k)
     metrics = datacard_metrics(card)
     write_json(here.metrics("datacard"), metrics)

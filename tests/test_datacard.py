@@ -347,3 +347,16 @@ def test_render_datacard_markdown_nulls(iteration_one):
     md = render_datacard_markdown(card, iteration=2)
     assert "| mean_pairwise_similarity | n/a |" in md
     assert "Accepted examples" not in md
+
+
+def test_seed_far_distance_is_a_quantile_of_nearest_other_seed_distances():
+    from isara.datacard import seed_far_distance
+
+    # unit vectors at 0, 60 and 180 degrees (lengths must not matter): nearest-other distances
+    # sqrt(2 - 2 cos 60) = 1, 1, and for the 180-degree one sqrt(2 - 2 cos 120) = sqrt(3)
+    angles = np.radians([0.0, 60.0, 180.0])
+    vectors = np.stack([np.cos(angles), np.sin(angles)], axis=1) * np.array([[1.0], [3.0], [0.5]])
+    assert seed_far_distance(vectors, quantile=0.5) == pytest.approx(1.0)
+    assert seed_far_distance(vectors, quantile=1.0) == pytest.approx(np.sqrt(3))
+    with pytest.raises(ValueError, match="at least 2 seeds"):
+        seed_far_distance(vectors[:1])
