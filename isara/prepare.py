@@ -11,34 +11,25 @@ The save trap: a model loaded with `gguf_file=` carries `config.quantization_con
 refuses `save_pretrained` ("quantized with gguf"), although its weights are already plain fp32. We drop the
 quantization config, build a fresh model from the clean config, copy the state dict in and save that.
 
-The output is written atomically: everything goes to a temporary sibling directory that is renamed onto
-`out_dir` at the end, so a crash never leaves a half-written checkpoint that DVC or the next stage could take
+The output is written atomically (records.atomic_directory): everything goes to a temporary sibling directory
+that is renamed onto `out_dir` at the end, so a crash never leaves a half-written checkpoint that DVC or the next stage could take
 for a complete one.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import click
 
 from isara.console import echo_metrics, guard, stage_params
 from isara.export import TEMPLATE_FILE, write_template
+from isara.records import atomic_directory, file_sha256
 
 SOURCE_FILE = "isara_source.json"  # provenance: which GGUF this checkpoint was dequantized from
-
-
-def _sha256(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def load_gguf_as_hf(gguf_path: Path):
@@ -79,26 +70,13 @@ def prepare_base(gguf_path: Path, out_dir: Path) -> None:
     model, tokenizer = load_gguf_as_hf(gguf_path)
     model = _saveable_copy(model)
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with atomic_directory(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        source = {"gguf_file": gguf_path.name, "sha256": _sha256(gguf_path), "bytes": gguf_path.stat().st_size}
+        source = {"gguf_file": gguf_path.name, "sha256": file_sha256(gguf_path), "bytes": gguf_path.stat().st_size}
         (tmp / SOURCE_FILE).write_text(json.dumps(source, indent=2) + "\n")
         # the base GGUF's metadata (hyper-parameters, llama.cpp tokenizer) for export.py to graft weights onto
         write_template(gguf_path, tmp / TEMPLATE_FILE)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
-        if out_dir.exists():
-            # rename the old output aside first: os.replace cannot replace a non-empty directory
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            os.replace(out_dir, old / "x")
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 # ----------------------------------------------------------------------------------------------- stage

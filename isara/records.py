@@ -137,6 +137,7 @@ def atomic_directory(out_dir: str | os.PathLike) -> Iterator[Path]:
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; the output is an ordinary folder
     try:
         yield tmp
         if out_dir.exists():
