@@ -51,6 +51,9 @@ class Generate(Section):
     max_answer_tokens: int = Field(128, ge=4)
     n_ctx: int = Field(2048, ge=128)
     n_threads: int = Field(2, ge=1)
+    n_gpu_layers: int = Field(-1, ge=-1)  # offloaded to a GPU if llama-cpp-python has GPU support; -1 all, 0 none
+    engine: Literal["batched", "sequential"] = "batched"
+    batch_size: int = Field(8, ge=1, le=64)  # batched engine: attempts per batch, sequences decoded together
     seed: int = 0
     min_question_chars: int = Field(15, ge=1)
     max_question_chars: int = Field(300, ge=1)
@@ -82,6 +85,8 @@ class Finetune(Section):
     warmup_ratio: float = Field(0.1, ge=0.0, le=1.0)
     seed: int = 0
     n_threads: int = Field(2, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when torch sees a GPU
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast where the device runs it natively
 
 
 class Export(Section):
@@ -111,16 +116,27 @@ class Evaluate(Section):
     k_icl: int = Field(4, ge=1, le=32)  # ICL-kNN baseline: retrieved seed QA pairs in context
     n_ctx: int = Field(2048, ge=128)
     n_threads: int = Field(2, ge=1)
+    n_gpu_layers: int = Field(-1, ge=-1)
+    batch_size: int = Field(16, ge=1, le=64)  # prompts decoded together (isara.batched)
 
 
 class Datacard(Section):
     # 0.9 cosine between MiniLM sentence vectors is a paraphrase, not merely the same topic.
     near_duplicate_threshold: float = Field(0.9, gt=0.0, le=1.0)
     # Annoy angular distance sqrt(2 - 2 cos): 1.0 is cosine 0.5, beyond which a new question is off-topic.
-    far_distance: float = Field(1.0, gt=0.0, le=2.0)
+    # null: the 95th percentile of the seeds' distances to their nearest other seed (isara.datacard.seed_far_distance)
+    far_distance: float | None = Field(None, gt=0.0, le=2.0)
     n_examples: int = Field(3, ge=0)
     top_k: int = Field(5, ge=1)
     seed: int = 0
+
+
+class Truthfulqa(Section):
+    # TruthfulQA.csv (MC1/MC2 of the base model and every M(t)); None: the stage records that it did not run.
+    csv: Path | None = None
+    limit: int = Field(50, ge=0)  # held-out questions scored, in file order; 0 = all
+    n_ctx: int = Field(1024, ge=128)
+    n_threads: int = Field(2, ge=1)
 
 
 class Params(Section):
@@ -134,6 +150,7 @@ class Params(Section):
     datacard: Datacard = Datacard()
     judge: Judge = Judge()
     evaluate: Evaluate = Evaluate()
+    truthfulqa: Truthfulqa = Truthfulqa()
 
     @model_validator(mode="after")
     def _schedule(self) -> "Params":
