@@ -9,7 +9,8 @@ encoded by isara.finetune.encode: prompt tokens masked, answer + eos trained), s
 the longest in the batch (DataCollatorForSeq2Seq), fp32 (the Trainer's CPU default). isara runs twice: in fp32
 (length-grouped batches and the LM head on answer positions only) and with its default precision (auto: bf16
 autocast where the CPU has native bf16 dot products, AVX512-BF16 or AMX; else fp32 again). Reported: real
-(non-padding) tokens per second of the training loop, padding share, and the ratios to the Trainer. Runs alternate (Trainer, isara, Trainer, isara) so load drift on a
+(non-padding) tokens per second of the training loop, padding share, and the ratios to the Trainer. A second
+Trainer row turns on its own bf16 flag, to show how much of the gain is precision and how much the loop. Runs alternate (Trainer, isara, Trainer, isara) so load drift on a
 shared machine hits both alike; medians are printed.
 """
 
@@ -34,7 +35,8 @@ from isara.prepare import prepare_base  # noqa: E402
 from isara.seeds import read_seed_file  # noqa: E402
 
 
-def run_trainer(model_dir: Path, examples, cfg: Finetune, steps: int, out: Path) -> tuple[float, int, int]:
+def run_trainer(model_dir: Path, examples, cfg: Finetune, steps: int, out: Path, bf16: bool = False
+                ) -> tuple[float, int, int]:
     from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
     torch.manual_seed(cfg.seed)
@@ -55,7 +57,7 @@ def run_trainer(model_dir: Path, examples, cfg: Finetune, steps: int, out: Path)
         output_dir=str(out), per_device_train_batch_size=cfg.batch_size, learning_rate=cfg.lr, max_steps=steps,
         weight_decay=cfg.weight_decay, warmup_steps=int(steps * cfg.warmup_ratio), max_grad_norm=1.0, logging_steps=steps,
         save_strategy="no", report_to=[], use_cpu=True, seed=cfg.seed, dataloader_num_workers=0,
-        disable_tqdm=True,
+        disable_tqdm=True, bf16=bf16,
     )
     trainer = CountingTrainer(model=model, args=args, train_dataset=rows, data_collator=collator)
     start = time.perf_counter()
@@ -81,13 +83,16 @@ def main() -> None:
     examples = encode(records, AutoTokenizer.from_pretrained(base), cfg.max_length)
 
     isara_runs = {"isara fp32": cfg.model_copy(update={"precision": "fp32"}), "isara auto": cfg}
-    results: dict[str, list[float]] = {name: [] for name in ("trainer", *isara_runs)}
+    results: dict[str, list[float]] = {name: [] for name in ("trainer", "trainer bf16", *isara_runs)}
     padding: dict[str, list[float]] = {name: [] for name in results}
     chosen = ""
     for r in range(args.repeats):
         seconds, real, padded = run_trainer(base, examples, cfg, args.steps, work / f"trainer{r}")
         results["trainer"].append(real / seconds)
         padding["trainer"].append(1 - real / padded)
+        seconds, real, padded = run_trainer(base, examples, cfg, args.steps, work / f"trainer-bf16-{r}", bf16=True)
+        results["trainer bf16"].append(real / seconds)
+        padding["trainer bf16"].append(1 - real / padded)
         for name, run_cfg in isara_runs.items():
             m = train(base, records, work / f"{name}{r}".replace(" ", "-"), run_cfg, log_dir=None, progress=False)
             results[name].append(m["tokens_per_second"])

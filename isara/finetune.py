@@ -167,6 +167,7 @@ def train(model_dir: Path, records: list[Record], out_dir: Path, cfg: Finetune, 
     if live is not None:
         live.end()
 
+    del optimizer, schedule  # AdamW's two fp32 moments (2x the model) need not sit through the save
     model.eval()
     model.to("cpu")
     save_checkpoint(model, tokenizer, out_dir, carry=[Path(model_dir) / TEMPLATE_FILE])
