@@ -101,7 +101,7 @@ def stage_comparison(n_samples: int, threads: int, model: Path) -> None:
         retriever = Retriever.load(Path(tmp) / "index", Path(tmp) / "dataset.jsonl")
         for engine_name in ("sequential", "batched"):
             cfg = Generate(n_samples=n_samples, max_attempts=8 * n_samples, n_threads=threads, engine=engine_name)
-            engine = load_engine(model, cfg)
+            engine = load_engine(model, cfg.engine, cfg.batch_size, cfg.n_ctx, cfg.n_threads, cfg.seed, 0)
             start, cpu_start = time.perf_counter(), time.process_time()
             result = generate_samples(engine, "benchmark", retriever, ITERATION, cfg, progress=False)
             rows[engine_name] = (time.perf_counter() - start, time.process_time() - cpu_start, result)

@@ -99,7 +99,7 @@ def run_one_shot(generate: Generate, n_iterations: int, finetune: Finetune, expo
     previous = read_records(seeds.dataset)
     model_sha = file_sha256(seeds.gguf)
     checkpoint = Checkpoint(checkpoint_path("one_shot", cfg, model_sha, seeds.dataset, index))
-    engine = load_engine(seeds.gguf, cfg)
+    engine = load_engine(seeds.gguf, cfg.engine, cfg.batch_size, cfg.n_ctx, cfg.n_threads, cfg.seed, cfg.n_gpu_layers)
     result = generate_samples(engine, model_sha, retriever, int(SEED_INDEX_ITERATION), cfg, progress, checkpoint)
     del engine
     dataset = [*previous, *result.accepted]

@@ -177,8 +177,8 @@ def first_paragraph(text: str) -> str:
 
 
 def answer_all(engine, prompts: Sequence[str], max_tokens: int, progress: bool = True) -> list[tuple[str, str, int]]:
-    """Greedy completions (text, finish_reason, completion tokens) of already-rendered prompts, `engine` being
-    an isara.batched engine: a few batches' worth of prompts at a time, so the progress bar moves."""
+    """Greedy completions (text, finish_reason, completion tokens) of already-rendered prompts (`engine`:
+    isara.generate.load_engine's), a few batches' worth at a time so the progress bar moves."""
     from tqdm import tqdm
 
     greedy = Sampling(temperature=0.0, top_p=1.0, max_tokens=max_tokens, seed=0)
@@ -228,16 +228,13 @@ def evaluate_model(model_path: Path, items: Sequence[EvalItem], cfg: Evaluate, j
     `render` turns an eval prompt into the model's input; the default is the bare fine-tuning layout,
     the ICL-kNN baseline passes one that puts retrieved seed examples first.
     """
-    from isara.batched import BatchedLlama
-    from isara.generate import offload
+    from isara.generate import load_engine
 
     start = time.perf_counter()
-    # Greedy: the batched engine's completions are those of one create_completion after another (isara/batched.py).
-    engine = BatchedLlama.load(model_path, n_seq_max=cfg.batch_size, n_ctx_seq=cfg.n_ctx, n_threads=cfg.n_threads,
-                               n_gpu_layers=offload(cfg.n_gpu_layers))
+    engine = load_engine(model_path, cfg.engine, cfg.batch_size, cfg.n_ctx, cfg.n_threads, 0, cfg.n_gpu_layers)
     rendered = [render(it.prompt) for it in items]
     outs = answer_all(engine, rendered, cfg.max_tokens, progress)
-    engine.close()
+    del engine
     responses = [first_paragraph(text) for text, _, _ in outs]
     verdicts = judges.verdicts([it.prompt for it in items], responses)
     rows = []

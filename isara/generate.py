@@ -5,9 +5,9 @@ the model continue a prompt made only of those QA pairs with one new question. E
 retrieve the k nearest QA pairs to it, and let the model answer it. Filter (isara.filters), and keep
 going until n_samples are accepted or max_attempts run out. D(t) = D(t-1) + accepted.
 
-Attempts run generate.batch_size at a time through isara.batched (several sequences per llama_decode), and
-are decided one by one in order afterwards (run_attempts), so the records are those of the one-by-one loop
-(generate.engine: sequential); tests/test_generate.py compares the two byte for byte.
+With generate.engine: batched, attempts run generate.batch_size at a time through isara.batched (several
+sequences per llama_decode) and are decided one by one in order afterwards (run_attempts), so the records are
+those of the one-by-one loop (engine: sequential, the default); tests/test_generate.py compares them byte for byte.
 """
 
 from __future__ import annotations
@@ -143,15 +143,17 @@ class ResettingLlama:
         return [complete(self.llm, prompt, sampling, stop) for prompt, sampling, stop in requests]
 
 
-def load_engine(model_path: Path, cfg: Generate):
-    """generate.engine: "batched" decodes generate.batch_size sequences per llama_decode (isara.batched,
-    same completions as "sequential"); "sequential" is one create_completion after another."""
-    if cfg.engine == "sequential":
-        return ResettingLlama(load_llama(model_path, cfg.n_ctx, cfg.n_threads, cfg.seed, cfg.n_gpu_layers))
+def load_engine(model_path: Path, engine: str, batch_size: int, n_ctx: int, n_threads: int, seed: int,
+                n_gpu_layers: int):
+    """"sequential": one create_completion after another; "batched": batch_size sequences per llama_decode
+    (isara.batched), the same completions. On 2 CPU threads batched measured 0.83x the sequential speed
+    (benchmarks/README.md), so sequential is the default; batched is there for wider machines and GPUs."""
+    if engine == "sequential":
+        return ResettingLlama(load_llama(model_path, n_ctx, n_threads, seed, n_gpu_layers))
     from isara.batched import BatchedLlama
 
-    return BatchedLlama.load(model_path, n_seq_max=cfg.batch_size, n_ctx_seq=cfg.n_ctx, n_threads=cfg.n_threads,
-                             seed=cfg.seed, n_gpu_layers=offload(cfg.n_gpu_layers))
+    return BatchedLlama.load(model_path, n_seq_max=batch_size, n_ctx_seq=n_ctx, n_threads=n_threads, seed=seed,
+                             n_gpu_layers=offload(n_gpu_layers))
 
 
 def run_attempts(engine, model_sha256: str, retriever: Retriever, known: KnownQuestions, iteration: int,
@@ -322,7 +324,7 @@ def run_generate(iteration: str, prev: str, cfg: Generate, progress: bool = True
     previous = read_records(before.dataset)
     model_sha = file_sha256(before.gguf)
     checkpoint = Checkpoint(checkpoint_path(iteration, cfg, model_sha, before.dataset, here.index))
-    engine = load_engine(before.gguf, cfg)
+    engine = load_engine(before.gguf, cfg.engine, cfg.batch_size, cfg.n_ctx, cfg.n_threads, cfg.seed, cfg.n_gpu_layers)
     result = generate_samples(engine, model_sha, retriever, int(iteration), cfg, progress, checkpoint)
     write_jsonl(here.generated, result.accepted)
     write_jsonl(here.rejected, result.rejected)

@@ -52,7 +52,7 @@ class Generate(Section):
     n_ctx: int = Field(2048, ge=128)
     n_threads: int = Field(2, ge=1)
     n_gpu_layers: int = Field(-1, ge=-1)  # offloaded to a GPU if llama-cpp-python has GPU support; -1 all, 0 none
-    engine: Literal["batched", "sequential"] = "batched"
+    engine: Literal["sequential", "batched"] = "sequential"  # same records; batched pays off beyond 2 CPU threads
     batch_size: int = Field(8, ge=1, le=64)  # batched engine: attempts per batch, sequences decoded together
     seed: int = 0
     min_question_chars: int = Field(15, ge=1)
@@ -117,7 +117,8 @@ class Evaluate(Section):
     n_ctx: int = Field(2048, ge=128)
     n_threads: int = Field(2, ge=1)
     n_gpu_layers: int = Field(-1, ge=-1)
-    batch_size: int = Field(16, ge=1, le=64)  # prompts decoded together (isara.batched)
+    engine: Literal["sequential", "batched"] = "sequential"  # same answers (greedy); see generate.engine
+    batch_size: int = Field(16, ge=1, le=64)  # batched engine: prompts decoded together
 
 
 class Datacard(Section):

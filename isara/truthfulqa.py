@@ -209,7 +209,8 @@ def command(target: str) -> None:
     from isara.console import echo_metrics, stage_params
 
     p = stage_params()
-    echo_metrics(f"truthfulqa@{target}", guard(run_truthfulqa, target, p.truthfulqa))
+    name = "truthfulqa_base" if target == "base" else f"truthfulqa@{target}"
+    echo_metrics(name, guard(run_truthfulqa, target, p.truthfulqa))
 
 
 @click.command("truthfulqa-score")

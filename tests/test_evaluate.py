@@ -118,7 +118,7 @@ def test_evaluate_model_on_real_base_model(tmp_path):
     from isara.prompts import sft_prompt
 
     cfg = Evaluate(harmful_path=REPO / "data/eval/harmful.jsonl", safe_path=REPO / "data/eval/safe.jsonl",
-                   limit=3, max_tokens=12)
+                   limit=3, max_tokens=12, engine="batched")
     items = load_eval_items(cfg)
     assert [i.set for i in items] == [HARMFUL] * 3 + [SAFE] * 3
     model = base_model_path("smollm2")

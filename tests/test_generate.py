@@ -70,11 +70,11 @@ def test_generated_records_carry_lineage(reference):
 
 
 def test_batched_engine_writes_what_the_sequential_one_writes(reference, tmp_path):
-    """The default engine decodes 8 attempts together (isara.batched); one completion after another
-    must give the very same accepted and rejected records, byte for byte."""
-    root = workspace(tmp_path / "sequential")
+    """The batched engine decodes 8 attempts together (isara.batched); the reference, one completion after
+    another (the default engine), must have written the very same accepted and rejected records, byte for byte."""
+    root = workspace(tmp_path / "batched")
     params = root / "params.yaml"
-    params.write_text(params.read_text().replace("seed: 3}", "seed: 3, engine: sequential}"))
+    params.write_text(params.read_text().replace("seed: 3}", "seed: 3, engine: batched}"))
     cli(root, "generate", "1")
     for name in ("generated.jsonl", "rejected.jsonl", "dataset.jsonl"):
         assert (root / "artifacts/1" / name).read_bytes() == (reference / "artifacts/1" / name).read_bytes(), name
@@ -82,9 +82,10 @@ def test_batched_engine_writes_what_the_sequential_one_writes(reference, tmp_pat
 
 def test_killed_generate_resumes_to_identical_records(reference, tmp_path):
     root = workspace(tmp_path / "killed")
-    # Batches of 2 attempts, so the log grows while the run goes on (and the records must not depend on it).
+    # The batched engine in batches of 2 attempts: the log grows batch by batch, and neither the kill nor the
+    # engine may change the records (the reference ran sequentially).
     params = root / "params.yaml"
-    params.write_text(params.read_text().replace("seed: 3}", "seed: 3, batch_size: 2}"))
+    params.write_text(params.read_text().replace("seed: 3}", "seed: 3, engine: batched, batch_size: 2}"))
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, "-m", "isara.cli", "generate", "1"], cwd=root, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
