@@ -124,7 +124,7 @@ class Evaluate(Section):
 class Datacard(Section):
     # 0.9 cosine between MiniLM sentence vectors is a paraphrase, not merely the same topic.
     near_duplicate_threshold: float = Field(0.9, gt=0.0, le=1.0)
-    # Annoy angular distance sqrt(2 - 2 cos): 1.0 is cosine 0.5, beyond which a new question is off-topic.
+    # Out-of-domain flag, Annoy angular distance sqrt(2 - 2 cos) to the nearest retrieved example.
     # null: the 95th percentile of the seeds' distances to their nearest other seed (isara.datacard.seed_far_distance)
     far_distance: float | None = Field(None, gt=0.0, le=2.0)
     n_examples: int = Field(3, ge=0)
