@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -34,21 +35,24 @@ def isolated_env(home: Path) -> dict[str, str]:
 COMMAND_TIMEOUT = 1500
 
 
-def _text(out: str | bytes | None) -> str:
-    return out.decode(errors="replace") if isinstance(out, bytes) else out or ""
-
-
 class Project:
     def __init__(self, root: Path, env: dict[str, str]):
         self.root, self.env = root, env
 
     def run(self, *args: str, check: bool = True, timeout: float = COMMAND_TIMEOUT) -> subprocess.CompletedProcess:
-        try:
-            proc = subprocess.run(list(args), cwd=self.root, env=self.env, text=True, capture_output=True,
-                                  timeout=timeout)
-        except subprocess.TimeoutExpired as e:  # a hang fails this test with what the command printed so far
-            raise AssertionError(f"{' '.join(args)} still running after {timeout:.0f} s:\n"
-                                 f"{_text(e.stdout)}\n{_text(e.stderr)}") from None
+        # Own process group: on a timeout the stages dvc started go too, not only dvc itself.
+        with subprocess.Popen(list(args), cwd=self.root, env=self.env, text=True, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, start_new_session=True) as child:
+            try:
+                out, err = child.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:  # a hang fails this test with what the command printed so far
+                os.killpg(child.pid, signal.SIGKILL)
+                out, err = child.communicate()
+                raise AssertionError(f"{' '.join(args)} still running after {timeout:.0f} s:\n{out}\n{err}") from None
+            except BaseException:  # Ctrl-C: the group no longer hears the terminal's SIGINT
+                os.killpg(child.pid, signal.SIGKILL)
+                raise
+        proc = subprocess.CompletedProcess(list(args), child.returncode, out, err)
         if check and proc.returncode != 0:
             raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
         return proc
