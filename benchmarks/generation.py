@@ -46,6 +46,7 @@ sys.path.insert(0, str(REPO))
 from isara.base_models import base_model_path
 from isara.batched import BatchedLlama, SequentialLlama
 from isara.generate import attempt_seed
+from isara.llm import open_llama
 from isara.params import Generate
 from isara.prompts import ANSWER_STOP, QUESTION_STOP, answer_prompt, question_prompt
 from isara.records import Sampling, write_jsonl
@@ -150,8 +151,6 @@ def main() -> None:
                     help="also run the largest batch size with this many prompt-cache slots (BatchedLlama cache_slots)")
     args = ap.parse_args()
 
-    import llama_cpp
-
     cfg = Generate()
     model = args.model or base_model_path("smollm2")
     if args.stage:
@@ -166,8 +165,7 @@ def main() -> None:
 
     rows = []
     for threads in args.threads:
-        llm = llama_cpp.Llama(model_path=str(model), n_ctx=cfg.n_ctx, n_threads=threads, n_threads_batch=threads,
-                              seed=cfg.seed, verbose=False)
+        llm = open_llama(model, n_ctx=cfg.n_ctx, n_threads=threads, n_threads_batch=threads, seed=cfg.seed)
         prompt_lens = [len(llm.tokenize(p.encode("utf-8"), add_bos=False)) for p, _, _ in requests]
         n_ctx_seq = max(prompt_lens) + max(cfg.max_question_tokens, cfg.max_answer_tokens) + 8
         print(f"\nthreads {threads}: prompt tokens mean {statistics.mean(prompt_lens):.0f}, max {max(prompt_lens)}; "

@@ -210,10 +210,10 @@ class BatchedLlama:
     def load(cls, model_path: str | Path, n_seq_max: int = 8, n_ctx_seq: int = 1024, n_threads: int = 1,
              seed: int = 0, n_gpu_layers: int = 0, **kwargs) -> BatchedLlama:
         """Load a GGUF file; the `Llama` it creates keeps a small context of its own (n_ctx_seq cells)."""
-        if not Path(model_path).is_file():
-            raise FileNotFoundError(f"{model_path}: model file not found")
-        llm = llama_cpp.Llama(model_path=str(model_path), n_ctx=n_ctx_seq, n_threads=n_threads,
-                              n_threads_batch=n_threads, n_gpu_layers=n_gpu_layers, seed=seed, verbose=False)
+        from isara.llm import open_llama
+
+        llm = open_llama(model_path, n_ctx=n_ctx_seq, n_threads=n_threads, n_threads_batch=n_threads,
+                         n_gpu_layers=n_gpu_layers, seed=seed)
         return cls(llm, n_seq_max=n_seq_max, n_ctx_seq=n_ctx_seq, n_threads=n_threads, **kwargs)
 
     def close(self) -> None:

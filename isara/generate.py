@@ -58,12 +58,10 @@ def offload(n_gpu_layers: int) -> int:
 
 
 def load_llama(model_path: Path, n_ctx: int, n_threads: int, seed: int, n_gpu_layers: int = 0):
-    from llama_cpp import Llama
+    from isara.llm import open_llama
 
-    if not Path(model_path).is_file():
-        raise FileNotFoundError(f"{model_path}: model file not found")
-    return Llama(model_path=str(model_path), n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads,
-                 n_gpu_layers=offload(n_gpu_layers), seed=seed, verbose=False)
+    return open_llama(model_path, n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads,
+                      n_gpu_layers=offload(n_gpu_layers), seed=seed)
 
 
 def attempt_seed(base_seed: int, iteration: int, attempt: int, part: int) -> int:

@@ -66,11 +66,10 @@ def read_seed_file(path: str | Path) -> list[Record]:
 def check_context(records: list[Record], path: Path, model_path: Path, n_ctx: int) -> None:
     """Every seed, rendered as an in-context example, must fit the model's context (generate.n_ctx) with
     room for the slot the model fills; otherwise it could never be retrieved into a prompt."""
-    from llama_cpp import Llama
-
+    from isara.llm import open_llama
     from isara.prompts import render_example
 
-    vocab = Llama(model_path=str(model_path), vocab_only=True, verbose=False)
+    vocab = open_llama(model_path, vocab_only=True)
     budget = n_ctx // 2  # half the window: the other half holds the neighbours and the completion
     lines = _line_numbers(path)
     for record, lineno in zip(records, lines):

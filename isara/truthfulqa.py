@@ -78,12 +78,9 @@ class LogLikelihood:
     longest token prefix shared with the previous call (the primer and the question are shared by every answer)."""
 
     def __init__(self, model_path: Path, n_ctx: int = 1024, n_threads: int = 2):
-        from llama_cpp import Llama
+        from isara.llm import open_llama
 
-        if not Path(model_path).is_file():
-            raise FileNotFoundError(f"{model_path}: model file not found")
-        self.llm = Llama(model_path=str(model_path), n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads,
-                         logits_all=True, verbose=False)
+        self.llm = open_llama(model_path, n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads, logits_all=True)
 
     def tokenize(self, text: str, bos: bool = True) -> list[int]:
         return self.llm.tokenize(text.encode("utf-8"), add_bos=bos, special=False)

@@ -30,6 +30,7 @@ from conftest import SEEDS
 
 from isara.base_models import BaseModelError, base_model_path
 from isara.batched import BatchedLlama, SequentialLlama
+from isara.llm import open_llama
 from isara.prompts import ANSWER_PREFIX, ANSWER_STOP, QUESTION_STOP, answer_prompt, question_prompt
 from isara.records import Sampling
 from isara.seeds import read_seed_file
@@ -45,7 +46,7 @@ def llm():
         path = base_model_path("smollm2")
     except BaseModelError as exc:
         pytest.skip(str(exc))
-    return llama_cpp.Llama(model_path=str(path), n_ctx=N_CTX, n_threads=1, n_threads_batch=1, seed=0, verbose=False)
+    return open_llama(path, n_ctx=N_CTX, n_threads=1, n_threads_batch=1, seed=0)
 
 
 @pytest.fixture(scope="module")

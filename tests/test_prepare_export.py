@@ -25,6 +25,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from isara.base_models import BaseModelError, base_model_path
 from isara.export import TEMPLATE_FILE, export_gguf
+from isara.llm import open_llama
 from isara.prepare import prepare_base
 
 pytestmark = pytest.mark.slow
@@ -68,9 +69,7 @@ def _hf_logprobs(hf_dir: Path) -> tuple[list[int], np.ndarray]:
 def _llama(path: Path, f32_kv: bool = True, logits_all: bool = True):
     # the KV cache is f16 by default; f32 for parity so that only the weights are compared
     kv = {"type_k": 0, "type_v": 0} if f32_kv else {}  # 0 = GGML_TYPE_F32
-    return llama_cpp.Llama(
-        model_path=str(path), logits_all=logits_all, n_ctx=256, n_threads=2, verbose=False, seed=0, **kv
-    )
+    return open_llama(path, logits_all=logits_all, n_ctx=256, n_threads=2, seed=0, **kv)
 
 
 def _llama_logprobs(path: Path, ids: list[int]) -> tuple[list[int], np.ndarray]:
