@@ -20,7 +20,8 @@ STAGES = ["seeds", "prepare", "index", "generate", "finetune", "export", "dataca
 # Stages whose command lives in another stage's module: (module, attribute).
 STAGE_COMMANDS = {"judge": ("evaluate", "judge_command")}
 # Commands outside the pipeline, also loaded lazily: name -> (module, attribute).
-TOOLS = {"truthfulqa-score": ("truthfulqa", "score_command"), "truthfulqa-seeds": ("truthfulqa", "seeds_command")}
+TOOLS = {"truthfulqa-score": ("truthfulqa", "score_command"), "truthfulqa-seeds": ("truthfulqa", "seeds_command"),
+         "show": ("show", "command")}
 
 
 class StageGroup(click.Group):
