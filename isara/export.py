@@ -34,6 +34,12 @@ tokenizer byte-identical to the base model's, and is checked by tests/test_prepa
 tensors equal the base GGUF's dequantized tensors, and llama.cpp vs transformers next-token log-probs agree.
 Cost: one small per-architecture table (`_TRANSFORMS`); a new base architecture needs an entry there.
 
+The pipeline's exports then set their own identity over the copied key/values (`metadata`, from
+isara.cards.model_metadata): general.name/basename/finetune/description/license/tags, general.base_model.0.* (the base
+model), isara.* (iteration, seed set and its sha256, prompt format, stop strings) and a tokenizer.chat_template that
+renders the bare `Question: ..\nAnswer:` layout M(t) was trained and evaluated in (the base's template is kept as
+isara.base_chat_template). The base's other descriptive general.* keys are dropped: they describe the base model.
+
 Tensor types follow llama.cpp's converter: 1-D tensors (norms, biases) stay F32; 2-D tensors take `outtype`
 (Q8_0 falls back to F16 for rows not divisible by its block size of 32). Output is written atomically: a temp
 file next to `out_path`, renamed at the end.
@@ -44,8 +50,9 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import click
 import numpy as np
@@ -76,6 +83,23 @@ def _copy_fields(reader, writer, *, skip: tuple[str, ...] = ()) -> None:
         vtype = field.types[0]
         sub_type = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
         writer.add_key_value(name, field.contents(), vtype, sub_type=sub_type)
+
+
+def _add_value(writer, key: str, value) -> None:
+    """A Python value as a GGUF key/value: str, bool, int (uint32 when >= 0, as the general.* counts), float,
+    or a non-empty list of one of those."""
+    if isinstance(value, bool):
+        writer.add_bool(key, value)
+    elif isinstance(value, str):
+        writer.add_string(key, value)
+    elif isinstance(value, int):
+        (writer.add_uint32 if 0 <= value < 2**32 else writer.add_int64)(key, value)
+    elif isinstance(value, float):
+        writer.add_float32(key, value)
+    elif isinstance(value, (list, tuple)) and value:
+        writer.add_array(key, list(value))
+    else:
+        raise TypeError(f"GGUF metadata {key!r}: cannot write {value!r}")
 
 
 def _tmp_next_to(path: Path) -> Path:
@@ -199,11 +223,14 @@ def _nbytes(shape: tuple[int, ...], qtype) -> int:
     return int(np.prod(shape)) // block * type_size
 
 
-def export_gguf(hf_dir: Path, out_path: Path, outtype: str = "q8_0", template: Path | None = None) -> None:
+def export_gguf(hf_dir: Path, out_path: Path, outtype: str = "q8_0", template: Path | None = None,
+                metadata: Mapping[str, Any] | None = None) -> None:
     """Convert the HF checkpoint in `hf_dir` to a llama.cpp GGUF at `out_path` (f32, f16, bf16 or q8_0).
 
     `template`: GGUF whose metadata (hyper-parameters, tokenizer) the output takes; default
     `hf_dir / "gguf_template.gguf"` as written by `prepare`. The base model's GGUF itself works as well.
+    `metadata`: key/values written over the template's (a value None deletes the template's key): the model's
+    own name, base model, license, seed set and chat template (isara.cards.model_metadata).
     """
     import gguf
 
@@ -252,8 +279,12 @@ def export_gguf(hf_dir: Path, out_path: Path, outtype: str = "q8_0", template: P
     tmp = _tmp_next_to(out_path)
     try:
         writer = gguf.GGUFWriter(tmp, arch)
-        _copy_fields(reader, writer, skip=(TENSOR_NAMES_KEY, gguf.Keys.General.FILE_TYPE))
+        metadata = dict(metadata or {})
+        _copy_fields(reader, writer, skip=(TENSOR_NAMES_KEY, gguf.Keys.General.FILE_TYPE, *metadata))
         writer.add_file_type(int(getattr(gguf.LlamaFileType, _FILE_TYPE[outtype])))
+        for key, value in metadata.items():
+            if value is not None:
+                _add_value(writer, key, value)
         for _, gguf_name, shape, qtype in plan:
             writer.add_tensor_info(gguf_name, shape, np.dtype(np.float32), _nbytes(shape, qtype), raw_dtype=qtype)
         writer.write_header_to_file()
@@ -275,8 +306,24 @@ def export_gguf(hf_dir: Path, out_path: Path, outtype: str = "q8_0", template: P
 # ----------------------------------------------------------------------------------------------- stage
 
 
-def run_export(iteration: str, cfg) -> dict:
-    """export@t: M(t)'s checkpoint -> artifacts/<t>/model.gguf, the model that generates round t+1."""
+def release_metadata(hf_dir: Path, target: str, seeds, base) -> dict[str, Any]:
+    """The key/values that make an exported model describe itself (isara.cards.model_metadata): its name, base
+    model, license, seed set (params `seeds`, `base`) and the bare-layout chat template. `target`: the iteration
+    or the baseline name."""
+    from isara.cards import base_facts, file_sha256, gguf_kv, model_metadata
+
+    base_kv = gguf_kv(Path(hf_dir) / TEMPLATE_FILE)
+    if not Path(seeds.path).is_file():
+        raise FileNotFoundError(f"seed set {seeds.path} (params seeds.path) not found: export names it in the GGUF")
+    return model_metadata(base_kv, facts=base_facts(base, base_kv), target=target, seeds_path=Path(seeds.path),
+                          seeds_sha256=file_sha256(Path(seeds.path)))
+
+
+def run_export(iteration: str, cfg, seeds=None, base=None) -> dict:
+    """export@t: M(t)'s checkpoint -> artifacts/<t>/model.gguf, the model that generates round t+1.
+
+    With `seeds` and `base` (params sections; the stage passes them) the GGUF names itself, its base model and
+    seed set, and carries the bare-layout chat template (release_metadata)."""
     import time
 
     from isara.paths import iter_paths
@@ -284,7 +331,8 @@ def run_export(iteration: str, cfg) -> dict:
 
     start = time.perf_counter()
     here = iter_paths(iteration)
-    export_gguf(here.hf, here.gguf, cfg.outtype)
+    metadata = release_metadata(here.hf, iteration, seeds, base) if seeds is not None and base is not None else None
+    export_gguf(here.hf, here.gguf, cfg.outtype, metadata=metadata)
     metrics = {"outtype": cfg.outtype, "gguf_bytes": here.gguf.stat().st_size, "seconds": round(time.perf_counter() - start, 2)}
     write_json(here.metrics("export"), metrics)
     return metrics
@@ -295,4 +343,4 @@ def run_export(iteration: str, cfg) -> dict:
 def command(iteration: str) -> None:
     """export@ITERATION: convert M(t) to GGUF for the next round's llama.cpp."""
     p = stage_params()
-    echo_metrics(f"export@{iteration}", guard(run_export, iteration, p.export))
+    echo_metrics(f"export@{iteration}", guard(run_export, iteration, p.export, p.seeds, p.base))

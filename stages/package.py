@@ -1,0 +1,15 @@
+"""DVC entry of the package stage: `python stages/package.py TARGET` (same as `isara package`).
+
+It imports isara from this checkout, not from site-packages, so that a queued `dvc exp run` (which runs in
+a copy under .dvc/tmp/exps) executes the code whose hashes it records.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from isara.package import command  # noqa: E402
+
+if __name__ == "__main__":
+    command.main(args=sys.argv[1:], prog_name="isara package")
