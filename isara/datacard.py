@@ -30,6 +30,7 @@ import click
 import numpy as np
 
 from isara.console import guard, iteration_argument, stage_params
+from isara.filters import FAR_QUANTILE, seed_far_distance  # noqa: F401 (re-exported)
 from isara.params import Datacard
 from isara.paths import iter_paths
 from isara.records import Record, atomic_write_text, read_records, write_json
@@ -42,20 +43,9 @@ DEFAULT_NEAR_DUPLICATE_THRESHOLD = 0.9
 # Annoy angular distance sqrt(2 - 2 cos): 1.0 is cosine 0.5. A fixed number fits no seed set well (the 64
 # safety seeds cover 14 harm areas: half of them have no other seed within 1.09), hence the default below.
 DEFAULT_FAR_DISTANCE = 1.0
-# datacard.far_distance null: "far" = beyond this quantile of the seeds' own nearest-other-seed distances, i.e.
-# a new question lies farther from the data than 95% of the seeds lie from each other.
-FAR_QUANTILE = 0.95
-
-
-def seed_far_distance(seed_vectors: np.ndarray, quantile: float = FAR_QUANTILE) -> float:
-    """The `quantile` of each seed's angular distance to its nearest other seed (at least 2 seeds)."""
-    v = np.asarray(seed_vectors, dtype=np.float64)
-    if len(v) < 2:
-        raise ValueError("the out-of-domain threshold needs at least 2 seeds")
-    v = v / np.linalg.norm(v, axis=1, keepdims=True)
-    cos = v @ v.T
-    np.fill_diagonal(cos, -np.inf)
-    return float(np.quantile(np.sqrt(np.clip(2 - 2 * cos.max(axis=1), 0, None)), quantile))
+# datacard.far_distance null: "far" = beyond the FAR_QUANTILE (0.95) of the seeds' own nearest-other-seed
+# distances, i.e. a new question lies farther from the data than 95% of the seeds lie from each other. The same
+# function gives generate's out-of-domain filter its default threshold (isara.filters.seed_far_distance).
 
 _WORD = re.compile(r"\w+(?:'\w+)*")
 
@@ -258,6 +248,20 @@ def far_retrieval_share(
     return flagged / judged if judged else 0.0
 
 
+def stance_counts(generated: Iterable[Record], rejected_examples: Iterable[dict]) -> dict[str, dict[str, int]]:
+    """Answer stance (declines / complies, as generate's judge labelled it: Record.stance and the rejections'
+    "stance") per outcome: "accepted" and each rejection reason whose answers were labelled. Empty when nothing
+    was labelled (a round generated with the stance filters off, or before them)."""
+    out: dict[str, dict[str, int]] = {}
+    rows = [("accepted", r.stance) for r in generated]
+    rows += [(str(r.get("reason", "unknown")), r.get("stance")) for r in rejected_examples]
+    for outcome, stance in rows:
+        if stance in ("declines", "complies"):
+            counts = out.setdefault(outcome, {"declines": 0, "complies": 0})
+            counts[stance] += 1
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- the card
 
 
@@ -302,7 +306,8 @@ def build_datacard(
       diversity.{question,answer}_distinct_{1,2} (generated this iteration),
       diversity.mean_pairwise_similarity, diversity.near_duplicate_rate (generated questions, within round),
       seed_influence.{gini,top<k>_share,max,mean,zero_share} (over all generated records in D(t)),
-      retrieval.far_share (this iteration, answer context), length.{question,answer}.{chars,words}.{min,...}.
+      retrieval.far_share (this iteration, answer context), length.{question,answer}.{chars,words}.{min,...},
+      stance.<accepted|reason>.{declines,complies,declining_share} (only where generate labelled stances).
     Plus `examples` (non-numeric): sampled accepted records, rejected ones per reason, most influential seeds.
     """
     if attempted < len(generated):
@@ -354,6 +359,11 @@ def build_datacard(
     card["seed_influence.zero_share"] = sum(1 for c in counts if c == 0) / len(counts) if counts else 0.0
     card["retrieval.far_distance"] = far_distance
     card["retrieval.far_share"] = far_retrieval_share(generated, far_distance)
+    for outcome, counts in sorted(stance_counts(generated, rejected_examples).items(),
+                                  key=lambda kv: (kv[0] != "accepted", kv[0])):
+        card[f"stance.{outcome}.declines"] = counts["declines"]
+        card[f"stance.{outcome}.complies"] = counts["complies"]
+        card[f"stance.{outcome}.declining_share"] = counts["declines"] / (counts["declines"] + counts["complies"])
     for field, texts in (("question", questions), ("answer", answers)):
         for unit, stats in length_stats(texts).items():
             for stat, value in stats.items():
@@ -465,6 +475,19 @@ def render_datacard_markdown(card: dict[str, Any], iteration: int) -> str:
             "distance; by default the 95th percentile of the seeds' distances to their nearest other seed): the "
             "out-of-domain flag.")
 
+    stance_keys = [k for k in metrics if k.startswith("stance.")]
+    if stance_keys:
+        used.update(stance_keys)
+        outcomes = list(dict.fromkeys(k[len("stance.") :].rsplit(".", 1)[0] for k in stance_keys))
+        out.extend(["## Answer stance", "",
+                    "Stance of each answered attempt, by the judge generate used (generate.stance_judge; "
+                    "metrics filters.stance_judge of generate): accepted records, then each rejection reason. "
+                    "Whether the question looks harmful: not available (no question classifier yet).", ""])
+        rows = [(o, *(_fmt(metrics.get(f"stance.{o}.{c}")) for c in ("declines", "complies", "declining_share")))
+                for o in outcomes]
+        out.extend(_table(["answers", "declines", "complies", "declining share"], rows))
+        out.append("")
+
     length_keys = [k for k in metrics if k.startswith("length.")]
     if length_keys:
         used.update(length_keys)
@@ -505,11 +528,13 @@ def render_datacard_markdown(card: dict[str, Any], iteration: int) -> str:
 # --------------------------------------------------------------------------------------------- the stage
 
 
-def run_datacard(iteration: str, cfg: Datacard) -> dict[str, Any]:
+def run_datacard(iteration: str, cfg: Datacard, seeds=None, base=None) -> dict[str, Any]:
     """datacard@t: the card of iteration t from what generate@t wrote (D(t), accepted and rejected records).
 
     Every attempt ends accepted or rejected with a reason, so attempted = accepted + rejected.
-    Writes reports/iters/<t>/datacard.json (flat numeric figures for `dvc metrics`) and reports/datacards/<t>.md.
+    Writes reports/iters/<t>/datacard.json (flat numeric figures for `dvc metrics`) and reports/datacards/<t>.md;
+    with the `seeds` and `base` params that .md is a Hugging Face dataset card (YAML front matter: license, task,
+    size, data files, lineage) of artifacts/<t>/.
     """
     here = iter_paths(iteration)
     dataset = read_records(here.dataset)
@@ -530,7 +555,14 @@ def run_datacard(iteration: str, cfg: Datacard) -> dict[str, Any]:
                           top_k=cfg.top_k)
     metrics = datacard_metrics(card)
     write_json(here.metrics("datacard"), metrics)
-    atomic_write_text(here.datacard, render_datacard_markdown(card, int(iteration)))
+    head = ""
+    if seeds is not None and base is not None:  # the stage passes both: a Hub dataset card (isara.cards)
+        from isara.cards import base_facts, dataset_front_matter, file_sha256
+
+        head = dataset_front_matter(iteration, n_records=len(dataset), facts=base_facts(base),
+                                    seeds_path=seeds.path, seeds_sha256=file_sha256(seeds.path),
+                                    generator_sha256=sorted({r.model_sha256 for r in generated if r.model_sha256}))
+    atomic_write_text(here.datacard, head + render_datacard_markdown(card, int(iteration)))
     return metrics
 
 
@@ -540,6 +572,6 @@ def command(iteration: str) -> None:
     """datacard@ITERATION: the data card of iteration t: volume, rejections, diversity, seed influence,
     retrieval distances, lengths and examples (reports/datacards/<t>.md, figures in reports/iters/<t>)."""
     p = stage_params()
-    m = guard(run_datacard, iteration, p.datacard)
+    m = guard(run_datacard, iteration, p.datacard, p.seeds, p.base)
     keys = ("accepted", "attempted", "diversity.near_duplicate_rate", "seed_influence.gini", "retrieval.far_share")
     click.echo(f"datacard@{iteration}: " + ", ".join(f"{k}={m.get(k)}" for k in keys))

@@ -5,6 +5,16 @@ the model continue a prompt made only of those QA pairs with one new question. E
 retrieve the k nearest QA pairs to it, and let the model answer it. Filter (isara.filters), and keep
 going until n_samples are accepted or max_attempts run out. D(t) = D(t-1) + accepted.
 
+Issue 10's filters keep the data in the seeds' domain and behaviour, using nothing but the seeds (no reward
+model, no instruction); each is a param, and `Levers` holds what they need, prepared once per run:
+
+- out_of_domain (generate.out_of_domain, .out_of_domain_distance): a question whose nearest example in D(t-1)
+  (or in D0) is farther than the seeds lie from each other is rejected before it is answered;
+- stance_mismatch (generate.stance_consistency): the answer's stance (declines / complies, by the judge evaluate
+  uses, generate.stance_judge) must be the majority stance of the k_answer examples it was prompted with;
+- stance_quota (generate.stance_band): each round's declining share stays within D0's share +- the band.
+Every accepted record carries its stance (Record.stance); rejections carry their distance or stances.
+
 With generate.engine: batched, attempts run generate.batch_size at a time through isara.batched (several
 sequences per llama_decode) and are decided one by one in order afterwards (run_attempts), so the records are
 those of the one-by-one loop (engine: sequential, the default); tests/test_generate.py compares them byte for byte.
@@ -34,10 +44,22 @@ from isara.console import (
     stage_params,
 )
 from isara.embed import embed
-from isara.filters import duplicate_reason, normalise, text_reason
+from isara.filters import (
+    domain_reason,
+    duplicate_reason,
+    nearest_distance,
+    normalise,
+    seed_far_distance,
+    stance_mismatch_reason,
+    stance_of,
+    stance_quota_reason,
+    stance_quotas,
+    text_reason,
+)
 from isara.index import Retriever
+from isara.judge import StanceJudge
 from isara.params import Generate, ParamsError
-from isara.paths import CHECKPOINTS, iter_paths
+from isara.paths import CHECKPOINTS, JUDGE, iter_paths
 from isara.prompts import ANSWER_STOP, QUESTION_STOP, answer_prompt, question_prompt
 from isara.records import (
     Neighbour,
@@ -70,6 +92,73 @@ def attempt_seed(base_seed: int, iteration: int, attempt: int, part: int) -> int
 
 
 @dataclass
+class Levers:
+    """Issue 10's filters for one run: what they compare against, fixed before the first attempt.
+
+    The defaults are all off (the filters before issue 10). `accepted` counts the stances accepted so far in
+    this run (the quota's state); generate_samples updates it as it accepts, replayed records included."""
+
+    domain: str = "off"  # generate.out_of_domain: "data" (nearest in D(t-1)), "seeds" (nearest in D0) or "off"
+    domain_threshold: float | None = None
+    seed_vectors: np.ndarray | None = None  # D0's question vectors, for domain "seeds"
+    judge: StanceJudge | None = None  # None: answers get no stance (both stance filters off)
+    example_stances: dict[str, str] = field(default_factory=dict)  # record id of D(t-1) -> its answer's stance
+    consistency: bool = False
+    declining_share0: float | None = None  # D0's declining share, by the same judge
+    quotas: dict[str, int] | None = None  # stance -> most accepted answers of it (isara.filters.stance_quotas)
+    accepted: Counter = field(default_factory=Counter)
+
+    def nearest_distance(self, vector: np.ndarray, neighbours: list[tuple[Record, float]]) -> float:
+        """The new question's distance to the nearest example of the reference set: the answer retrieval's own
+        (Annoy) distance for D(t-1), an exact one over the seeds' vectors for D0."""
+        if self.domain == "seeds":
+            return nearest_distance(vector, self.seed_vectors)
+        return min(d for _, d in neighbours)
+
+    def fingerprint(self) -> str:
+        """What of the levers the params do not name (the learned judge's weights): part of the checkpoint name."""
+        if self.judge is None or self.judge.learned is None:
+            return self.judge.name if self.judge else ""
+        return "learned:" + hashlib.sha256(np.asarray(self.judge.learned.weights).tobytes()).hexdigest()
+
+    def metrics(self) -> dict:
+        out: dict = {"out_of_domain": self.domain}
+        if self.domain_threshold is not None:
+            out["out_of_domain_distance"] = round(self.domain_threshold, 6)
+        if self.judge is not None:
+            n = sum(self.accepted.values())
+            out["stance_judge"] = self.judge.name
+            out["declining_share0"] = round(self.declining_share0, 4)
+            out["accepted_stance"] = {"declines": self.accepted["declines"], "complies": self.accepted["complies"]}
+            out["declining_share"] = round(self.accepted["declines"] / n, 4) if n else None
+            if self.quotas is not None:
+                out["stance_quota"] = dict(self.quotas)
+        return out
+
+
+def prepare_levers(cfg: Generate, retriever: Retriever, judge_dir: Path = JUDGE) -> Levers:
+    """The filters' references from D(t-1) (retriever.records; its seeds are D0) and the judge stage's folder."""
+    seeds = [i for i, r in enumerate(retriever.records) if r.is_seed]
+    levers = Levers(domain=cfg.out_of_domain, consistency=cfg.stance_consistency)
+    if cfg.out_of_domain != "off":
+        seed_vectors = retriever.vectors[seeds]
+        levers.domain_threshold = (cfg.out_of_domain_distance if cfg.out_of_domain_distance is not None
+                                   else seed_far_distance(seed_vectors))
+        levers.seed_vectors = seed_vectors
+    if cfg.labels_stance:
+        levers.judge = StanceJudge.load(cfg.stance_judge, judge_dir)
+        records = retriever.records
+        declines = levers.judge.declines([r.question for r in records], [r.answer for r in records])
+        levers.example_stances = {r.id: stance_of(d) for r, d in zip(records, declines)}
+        if not seeds:
+            raise ValueError("the stance filters need D0's answers, and the data set holds no seeds")
+        levers.declining_share0 = float(np.mean([declines[i] for i in seeds]))
+        if cfg.stance_band is not None:
+            levers.quotas = stance_quotas(cfg.n_samples, levers.declining_share0, cfg.stance_band)
+    return levers
+
+
+@dataclass
 class GenerationResult:
     accepted: list[Record] = field(default_factory=list)
     rejected: list[dict] = field(default_factory=list)
@@ -77,6 +166,7 @@ class GenerationResult:
     completion_tokens: int = 0
     seconds: float = 0.0
     resumed_attempts: int = 0
+    levers: Levers = field(default_factory=Levers)
 
     def rejected_by_reason(self) -> Counter:
         return Counter(r["reason"] for r in self.rejected)
@@ -155,11 +245,13 @@ def load_engine(model_path: Path, engine: str, batch_size: int, n_ctx: int, n_th
 
 
 def run_attempts(engine, model_sha256: str, retriever: Retriever, known: KnownQuestions, iteration: int,
-                 first: int, anchors: list[int], cfg: Generate):
+                 first: int, anchors: list[int], cfg: Generate, levers: Levers | None = None):
     """Dual-stage attempts first, first+1, ... (one per anchor): all questions in one batch, then the answers
     of the questions that pass the filters in a second. Yields one Outcome per attempt, in order, each decided
     only when the caller asks for it, so that `known` then includes what the caller accepted before (exactly
-    the decisions one attempt after another would make: every completion has its own seed and empty cache)."""
+    the decisions one attempt after another would make: every completion has its own seed and empty cache).
+    The same holds for `levers.accepted`, the stance quota's state. Out-of-domain questions are not answered."""
+    levers = levers or Levers()
     q_neighbours = [retriever.nearest_to_item(a, cfg.k_question) for a in anchors]
     q_sampling = [Sampling(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_question_tokens,
                            seed=attempt_seed(cfg.seed, iteration, first + i, 0)) for i in range(len(anchors))]
@@ -168,8 +260,11 @@ def run_attempts(engine, model_sha256: str, retriever: Retriever, known: KnownQu
     text_reasons = [text_reason(q, None, cfg) for q in questions]
     vectors = [embed([q])[0] if r is None else None for q, r in zip(questions, text_reasons)]
     # Screen against the questions known now; ones accepted earlier in this batch are checked again below.
-    to_answer = [i for i, v in enumerate(vectors) if v is not None and known.duplicate_reason(questions[i], v, cfg) is None]
-    a_neighbours = {i: retriever.nearest_to_vector(vectors[i], cfg.k_answer) for i in to_answer}
+    screened = [i for i, v in enumerate(vectors)
+                if v is not None and known.duplicate_reason(questions[i], v, cfg) is None]
+    a_neighbours = {i: retriever.nearest_to_vector(vectors[i], cfg.k_answer) for i in screened}
+    distance = {i: levers.nearest_distance(vectors[i], a_neighbours[i]) for i in screened}
+    to_answer = [i for i in screened if domain_reason(distance[i], levers.domain_threshold) is None]
     a_sampling = {i: Sampling(temperature=cfg.answer_temperature, top_p=cfg.top_p, max_tokens=cfg.max_answer_tokens,
                               seed=attempt_seed(cfg.seed, iteration, first + i, 1)) for i in to_answer}
     a_out = dict(zip(to_answer, engine.complete_many(
@@ -184,12 +279,28 @@ def run_attempts(engine, model_sha256: str, retriever: Retriever, known: KnownQu
         if reason is not None:
             yield Outcome(first + i, tokens, rejection={**rejection, "reason": reason})
             continue
+        reason = domain_reason(distance[i], levers.domain_threshold)
+        if reason is not None:  # not answered: the retrieval's distance and the threshold explain it
+            yield Outcome(first + i, tokens, rejection={**rejection, "reason": reason, "nearest_distance": distance[i],
+                                                        "out_of_domain_distance": levers.domain_threshold})
+            continue
         raw_a, finish, n_tok = a_out[i]
         tokens += n_tok
         answer = raw_a.strip()
+        stance = None
+        if levers.judge is not None and answer:  # one answer at a time: the same label in every engine
+            stance = stance_of(levers.judge.declines([question], [answer])[0])
+            rejection["stance"] = stance
         reason = text_reason(question, answer, cfg)
         if reason is None and finish == "length":
             reason = "answer_truncated"  # cut at max_answer_tokens: an unfinished answer would teach cut-offs
+        if reason is None and stance is not None:
+            examples = [levers.example_stances[r.id] for r, _ in a_neighbours[i]]
+            if levers.consistency:
+                reason = stance_mismatch_reason(stance, examples)
+                if reason is not None:
+                    rejection["example_stances"] = examples
+            reason = reason or stance_quota_reason(stance, levers.accepted, levers.quotas)
         if reason is not None:
             yield Outcome(first + i, tokens, rejection={**rejection, "raw_answer": raw_a, "answer": answer,
                                                         "reason": reason})
@@ -199,7 +310,7 @@ def run_attempts(engine, model_sha256: str, retriever: Retriever, known: KnownQu
             question_context=[Neighbour(id=r.id, distance=d) for r, d in q_neighbours[i]],
             answer_context=[Neighbour(id=r.id, distance=d) for r, d in a_neighbours[i]],
             model_sha256=model_sha256, question_sampling=q_sampling[i], answer_sampling=a_sampling[i],
-            raw_question=raw_q, raw_answer=raw_a,
+            raw_question=raw_q, raw_answer=raw_a, stance=stance,
         )
         yield Outcome(first + i, tokens, record=record, vector=[float(x) for x in vector])
 
@@ -240,11 +351,14 @@ class Checkpoint:
 
 
 def generate_samples(engine, model_sha256: str, retriever: Retriever, iteration: int, cfg: Generate,
-                     progress: bool = True, checkpoint: Checkpoint | None = None) -> GenerationResult:
+                     progress: bool = True, checkpoint: Checkpoint | None = None,
+                     levers: Levers | None = None) -> GenerationResult:
+    """levers None: prepared from cfg (prepare_levers, the judge stage's artifacts/judge for a learned judge)."""
     checkpoint = checkpoint or Checkpoint(None)
+    levers = levers if levers is not None else prepare_levers(cfg, retriever)
     rng = np.random.default_rng([cfg.seed, iteration])
     known = KnownQuestions([r.question for r in retriever.records], retriever.vectors)
-    result = GenerationResult()
+    result = GenerationResult(levers=levers)
     bar = tqdm(total=cfg.n_samples, desc=f"generate@{iteration}", unit="sample", disable=not progress)
 
     def apply(outcome: Outcome) -> None:
@@ -253,6 +367,8 @@ def generate_samples(engine, model_sha256: str, retriever: Retriever, iteration:
         if outcome.record is not None:
             result.accepted.append(outcome.record)
             known.add(outcome.record.question, np.asarray(outcome.vector, dtype=np.float32))
+            if outcome.record.stance is not None:
+                levers.accepted[outcome.record.stance] += 1
             bar.update(1)
         else:
             result.rejected.append(outcome.rejection)
@@ -266,7 +382,8 @@ def generate_samples(engine, model_sha256: str, retriever: Retriever, iteration:
     while len(result.accepted) < cfg.n_samples and result.attempted < cfg.max_attempts:
         width = 1 if cfg.engine == "sequential" else min(cfg.batch_size, cfg.max_attempts - result.attempted)
         anchors = [int(rng.integers(len(retriever.records))) for _ in range(width)]
-        for outcome in run_attempts(engine, model_sha256, retriever, known, iteration, result.attempted, anchors, cfg):
+        for outcome in run_attempts(engine, model_sha256, retriever, known, iteration, result.attempted, anchors, cfg,
+                                    levers):
             if len(result.accepted) >= cfg.n_samples:
                 break  # attempts past the last needed sample are dropped, as if never made
             checkpoint.append(outcome)
@@ -294,12 +411,16 @@ def generation_metrics(result: GenerationResult, cfg: Generate, prev_size: int) 
         "accepted_per_second": round(len(result.accepted) / max(result.seconds, 1e-9), 4),
     }
     metrics["rejected_total"] = sum(metrics["rejected"].values())
+    metrics["filters"] = result.levers.metrics()
     return metrics
 
 
-def checkpoint_path(iteration: str, cfg: Generate, model_sha: str, dataset: Path, index_dir: Path) -> Path:
+def checkpoint_path(iteration: str, cfg: Generate, model_sha: str, dataset: Path, index_dir: Path,
+                    levers: Levers | None = None) -> Path:
     h = hashlib.sha256()
     h.update(cfg.model_dump_json().encode())
+    if levers is not None and levers.fingerprint():
+        h.update(levers.fingerprint().encode())
     h.update(model_sha.encode())
     h.update(file_sha256(dataset).encode())
     h.update((index_dir / "ids.json").read_bytes())
@@ -321,9 +442,10 @@ def run_generate(iteration: str, prev: str, cfg: Generate, progress: bool = True
     check_k(cfg, len(retriever.records), before.dataset)
     previous = read_records(before.dataset)
     model_sha = file_sha256(before.gguf)
-    checkpoint = Checkpoint(checkpoint_path(iteration, cfg, model_sha, before.dataset, here.index))
+    levers = prepare_levers(cfg, retriever)
+    checkpoint = Checkpoint(checkpoint_path(iteration, cfg, model_sha, before.dataset, here.index, levers))
     engine = load_engine(before.gguf, cfg.engine, cfg.batch_size, cfg.n_ctx, cfg.n_threads, cfg.seed, cfg.n_gpu_layers)
-    result = generate_samples(engine, model_sha, retriever, int(iteration), cfg, progress, checkpoint)
+    result = generate_samples(engine, model_sha, retriever, int(iteration), cfg, progress, checkpoint, levers)
     write_jsonl(here.generated, result.accepted)
     write_jsonl(here.rejected, result.rejected)
     write_jsonl(here.dataset, [*previous, *result.accepted])

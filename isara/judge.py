@@ -278,3 +278,54 @@ def train_learned_judge(
         test_prompt_ids=tuple(sorted({r.id for r in test})),
     )
     return judge, report
+
+
+# --------------------------------------------------------------------------------------------------
+# (c) Which judge: the judge stage's folder (artifacts/judge) and the choice "auto" / "strmatch" / "learned".
+# Shared by evaluate (its headline judge) and generate (the stance of each answer, issue 10), so both judge alike.
+
+LEARNED_FILE = "learned.json"  # LearnedJudge.save format
+JUDGE_FILE = "judge.json"  # which judges exist and their held-out agreement
+
+
+def read_judge_dir(judge_dir: str | Path) -> tuple[LearnedJudge | None, dict | None]:
+    """(learned judge or None, held-out agreement per judge or None) from the judge stage's folder.
+    A folder without judge.json (the judge stage has not run) holds no learned judge."""
+    info_path = Path(judge_dir) / JUDGE_FILE
+    info = json.loads(info_path.read_text()) if info_path.is_file() else {"learned": False}
+    learned = LearnedJudge.load(Path(judge_dir) / LEARNED_FILE) if info.get("learned") else None
+    agreement = None
+    if learned is not None:
+        agreement = {"strmatch": info["strmatch_agreement"], "learned": info["learned_agreement"]}
+    return learned, agreement
+
+
+def select_judge(choice: str, learned: LearnedJudge | None, agreement: dict | None, judge_dir: str | Path,
+                 param: str = "evaluate.judge") -> str:
+    """"strmatch" or "learned": `choice` itself, or for "auto" the judge with the better held-out agreement."""
+    if choice == "learned" and learned is None:
+        raise ValueError(f"{param} is 'learned' but {judge_dir} holds no learned judge: point the judge stage at "
+                         "XSTest's human-labelled completions (README) and rerun it")
+    if choice == "auto":
+        return "learned" if agreement and agreement["learned"] > agreement["strmatch"] else "strmatch"
+    return choice
+
+
+class StanceJudge:
+    """Whether answers decline, by one judge: string matching or the learned judge (given the question)."""
+
+    def __init__(self, name: str, learned: LearnedJudge | None = None):
+        if name == "learned" and learned is None:
+            raise ValueError("the learned stance judge needs a LearnedJudge")
+        self.name, self.learned = name, learned
+
+    @classmethod
+    def load(cls, choice: str, judge_dir: str | Path, param: str = "generate.stance_judge") -> StanceJudge:
+        learned, agreement = read_judge_dir(judge_dir)
+        name = select_judge(choice, learned, agreement, judge_dir, param)
+        return cls(name, learned if name == "learned" else None)
+
+    def declines(self, questions: Sequence[str], answers: Sequence[str]) -> list[bool]:
+        if self.name == "strmatch":
+            return [is_refusal(a) for a in answers]
+        return self.learned.predict_refusal(list(questions), list(answers))

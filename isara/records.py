@@ -16,8 +16,9 @@ import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer, model_validator
 
 ID_LENGTH = 16  # hex chars of sha256: 64 bits, collision-free at any data-set size this tool will see
 
@@ -56,6 +57,18 @@ class Record(BaseModel):
     answer_sampling: Sampling | None = None
     raw_question: str | None = None
     raw_answer: str | None = None
+    # The answer's stance as generate's judge labelled it (issue 10's stance filters); None where not labelled
+    # (seeds, records generated with both stance filters off). Left out of the content hash when None, so
+    # records from before the field keep their ids.
+    stance: Literal["declines", "complies"] | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_unset_stance(self, handler):
+        # Files written before the field (and with the stance filters off) stay byte for byte the same.
+        data = handler(self)
+        if isinstance(data, dict) and data.get("stance", "") is None:
+            del data["stance"]
+        return data
 
     @model_validator(mode="after")
     def _id_is_content_hash(self) -> Record:

@@ -360,3 +360,42 @@ def test_seed_far_distance_is_a_quantile_of_nearest_other_seed_distances():
     assert seed_far_distance(vectors, quantile=1.0) == pytest.approx(np.sqrt(3))
     with pytest.raises(ValueError, match="at least 2 seeds"):
         seed_far_distance(vectors[:1])
+
+
+def test_answer_stance_table_per_outcome():
+    """generate labels each answer's stance (Record.stance, a rejection's "stance"): the card counts them for the
+    accepted records and per rejection reason; rows without a stance (unanswered, or filters off) are skipped."""
+    from isara.datacard import stance_counts
+
+    s = seed("How do I pick a lock?", "I can't help with that.")
+    g1 = Record(iteration=1, question="How do I hotwire a car?", answer="I can't help with that.", stance="declines")
+    g2 = Record(iteration=1, question="How do I bake bread?", answer="Mix flour, water and yeast.", stance="complies")
+    g3 = Record(iteration=1, question="How do I sharpen a knife?", answer="I won't help.", stance="declines")
+    rejected = [
+        {"reason": "stance_mismatch", "question": "a?", "answer": "Sure, here.", "stance": "complies"},
+        {"reason": "stance_quota", "question": "b?", "answer": "I can't.", "stance": "declines"},
+        {"reason": "stance_mismatch", "question": "c?", "answer": "Yes, do it.", "stance": "complies"},
+        {"reason": "out_of_domain", "question": "d?"},  # never answered: no stance
+    ]
+    assert stance_counts([g1, g2, g3], rejected) == {
+        "accepted": {"declines": 2, "complies": 1},
+        "stance_mismatch": {"declines": 0, "complies": 2},
+        "stance_quota": {"declines": 1, "complies": 0},
+    }
+    card = build_datacard([s, g1, g2, g3], [g1, g2, g3], {"stance_mismatch": 2, "stance_quota": 1, "out_of_domain": 1},
+                          7, rejected, vectors=np.eye(3))
+    m = datacard_metrics(card)
+    assert m["stance.accepted.declines"] == 2 and m["stance.accepted.declining_share"] == pytest.approx(2 / 3)
+    assert m["stance.stance_mismatch.complies"] == 2 and "stance.out_of_domain.declines" not in m
+    md = render_datacard_markdown(card, iteration=1)
+    assert "## Answer stance" in md and "| answers | declines | complies | declining share |" in md
+    assert "| accepted | 2 | 1 | 0.6667 |" in md
+    assert "| stance_mismatch | 0 | 2 | 0 |" in md and "| stance_quota | 1 | 0 | 1 |" in md
+    assert "looks harmful: not available" in md
+    assert "## Other" not in md  # every stance key is in the table
+
+
+def test_no_stance_table_for_rounds_without_stances(iteration_one):
+    md = render_datacard_markdown(make_card(iteration_one), iteration=1)
+    assert "Answer stance" not in md
+    assert not any(k.startswith("stance.") for k in datacard_metrics(make_card(iteration_one)))

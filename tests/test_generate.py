@@ -129,3 +129,119 @@ def test_k_larger_than_the_seed_set_is_a_clear_error(tmp_path):
     assert proc.returncode == 1
     assert "generate.k_question = 9 is larger than the data set it retrieves from (8 records in" in proc.stderr
     assert not (root / "artifacts/1/generated.jsonl").exists()
+
+
+# ------------------------------------------------------------------ issue 10: domain, stance and balance filters
+
+
+def generate_with(root, extra: str, **replace):
+    """Rerun generate@1 in `root` with extra generate params (e.g. "stance_band: null") and the given replacements
+    of PARAMS text; returns (metrics, accepted records, rejected rows)."""
+    text = PARAMS.replace("seed: 3}", f"seed: 3, {extra}}}" if extra else "seed: 3}")
+    for old, new in replace.items():
+        text = text.replace(old, new)
+    (root / "params.yaml").write_text(text)
+    cli(root, "generate", "1")
+    rejected = [json.loads(line) for line in (root / "artifacts/1/rejected.jsonl").read_text().splitlines()]
+    return (json.loads((root / "reports/iters/1/generate.json").read_text()),
+            read_records(root / "artifacts/1/generated.jsonl"), rejected)
+
+
+def seed_stances(root) -> dict[str, str]:
+    from isara.judge import is_refusal
+
+    return {r.id: "declines" if is_refusal(r.answer) else "complies"
+            for r in read_records(root / "artifacts/0/dataset.jsonl")}
+
+
+def test_default_filters_are_recorded_and_hold(reference):
+    """Defaults: out_of_domain against D(t-1) at the seeds' own threshold, stance consistency, stance band 0.15,
+    string matching (no judge stage here). Every accepted record carries its stance and obeys every filter."""
+    import numpy as np
+
+    from isara.filters import majority_stance, seed_far_distance
+
+    metrics = json.loads((reference / "reports/iters/1/generate.json").read_text())
+    filters = metrics["filters"]
+    vectors = np.load(reference / "artifacts/1/index/embeddings.npy")  # D0 = the 8 seeds
+    assert filters["out_of_domain"] == "data" and filters["stance_judge"] == "strmatch"
+    assert filters["out_of_domain_distance"] == pytest.approx(seed_far_distance(vectors), abs=1e-6)
+    stances = seed_stances(reference)
+    share0 = sum(s == "declines" for s in stances.values()) / len(stances)
+    assert filters["declining_share0"] == pytest.approx(share0, abs=1e-4)
+    generated = read_records(reference / "artifacts/1/generated.jsonl")
+    for r in generated:
+        assert min(n.distance for n in r.answer_context) <= filters["out_of_domain_distance"]
+        assert majority_stance([stances[n.id] for n in r.answer_context]) in (None, r.stance)
+    assert filters["accepted_stance"][generated[0].stance] == sum(r.stance == generated[0].stance for r in generated)
+    for stance, quota in filters["stance_quota"].items():
+        assert filters["accepted_stance"][stance] <= quota
+
+
+def test_out_of_domain_rejects_with_a_tight_threshold_and_not_with_a_huge_one(tmp_path):
+    root = workspace(tmp_path / "domain")
+    metrics, generated, rejected = generate_with(
+        root, "out_of_domain_distance: 0.05", **{"n_samples: 3, max_attempts: 30": "n_samples: 3, max_attempts: 6"})
+    assert metrics["attempted"] == 6 and generated == []
+    far = [r for r in rejected if r["reason"] == "out_of_domain"]
+    assert far and metrics["rejected"]["out_of_domain"] == len(far)
+    for row in far:  # rejected before answering, with the distance that decided it
+        assert row["nearest_distance"] > row["out_of_domain_distance"] == 0.05 and "answer" not in row
+    assert metrics["filters"]["out_of_domain_distance"] == 0.05
+
+    metrics, _, rejected = generate_with(  # the same 6 attempts, against D0 only, with the loosest threshold
+        root, "out_of_domain: seeds, out_of_domain_distance: 2.0",
+        **{"n_samples: 3, max_attempts: 30": "n_samples: 3, max_attempts: 6"})
+    assert "out_of_domain" not in metrics["rejected"] and metrics["filters"]["out_of_domain"] == "seeds"
+    assert metrics["accepted"] + sum(1 for r in rejected if "answer" in r) > 0  # answered this time
+
+
+def test_stance_consistency_rejects_mismatches_and_off_means_the_old_records(tmp_path):
+    """With the stance filters and the domain filter off, records carry no stance (the pre-issue-10 records);
+    with stance consistency on, the answers that contradict their examples' majority are rejected."""
+    from isara.filters import majority_stance
+
+    root = workspace(tmp_path / "stance")
+    budget = {"n_samples: 3, max_attempts: 30": "n_samples: 4, max_attempts: 12"}
+    metrics, generated, rejected = generate_with(
+        root, "out_of_domain: off, stance_consistency: false, stance_band: null", **budget)
+    raw = (root / "artifacts/1/generated.jsonl").read_text()
+    assert generated and '"stance"' not in raw and '"stance"' not in (root / "artifacts/1/rejected.jsonl").read_text()
+    assert metrics["filters"] == {"out_of_domain": "off"}
+    stances = seed_stances(root)
+    off_ids = {r.id for r in generated}
+
+    metrics, generated, rejected = generate_with(root, "out_of_domain: off, stance_band: null", **budget)
+    mismatched = [r for r in rejected if r["reason"] == "stance_mismatch"]
+    assert mismatched, "the 135M model answered every question in its examples' stance: pick another seed"
+    for row in mismatched:
+        assert majority_stance(row["example_stances"]) not in (None, row["stance"])
+    for r in generated:
+        assert r.stance is not None and majority_stance([stances[n.id] for n in r.answer_context]) in (None, r.stance)
+    assert off_ids != {r.id for r in generated}
+
+
+def test_stance_quota_holds_with_the_learned_judge(tmp_path):
+    """stance_band 0: the round keeps D0's declining share exactly (here all 8 seeds decline: no complying answer
+    is accepted), judged by a learned judge from the judge stage's folder (a head that reads the string-match flag)."""
+    import numpy as np
+
+    from isara.judge import JUDGE_FILE, LEARNED_FILE, N_FEATURES, LearnedJudge
+
+    root = workspace(tmp_path / "quota")
+    judge_dir = root / "artifacts/judge"
+    judge_dir.mkdir(parents=True)
+    weights = np.zeros(N_FEATURES)
+    weights[-1] = 10.0
+    LearnedJudge(weights, -5.0).save(judge_dir / LEARNED_FILE)
+    (judge_dir / JUDGE_FILE).write_text(json.dumps({"learned": True, "learned_agreement": 0.95,
+                                                    "strmatch_agreement": 0.9}))
+    metrics, generated, rejected = generate_with(
+        root, "out_of_domain: off, stance_consistency: false, stance_band: 0.0", **{"max_attempts: 30": "max_attempts: 12"})
+    filters = metrics["filters"]
+    assert filters["stance_judge"] == "learned" and filters["declining_share0"] == 1.0
+    assert filters["stance_quota"] == {"declines": 3, "complies": 0}
+    assert all(r.stance == "declines" for r in generated)
+    quota = [r for r in rejected if r["reason"] == "stance_quota"]
+    assert quota and all(r["stance"] == "complies" for r in quota)
+    assert metrics["rejected"]["stance_quota"] == len(quota)

@@ -15,6 +15,21 @@ def test_id_is_content_hash_and_detects_edits(tmp_path):
         Record.model_validate(tampered)
 
 
+def test_stance_is_optional_and_leaves_older_records_unchanged():
+    """Record.stance (issue 10) is left out of the JSON and of the content hash when unset: a record written
+    before the field keeps its bytes and its id; a set stance is part of the id like any lineage field."""
+    plain = Record(iteration=1, question="q?", answer="a.")
+    assert "stance" not in plain.model_dump_json()
+    assert plain.id == "4fe68c8cfae3d48f"  # its id before the field existed
+    old = json.loads(plain.model_dump_json())
+    assert Record.model_validate(old).id == plain.id
+    declines = Record(iteration=1, question="q?", answer="a.", stance="declines")
+    assert declines.id not in (plain.id, Record(iteration=1, question="q?", answer="a.", stance="complies").id)
+    assert Record.model_validate_json(declines.model_dump_json()) == declines
+    with pytest.raises(ValueError):
+        Record(iteration=1, question="q?", answer="a.", stance="maybe")
+
+
 def test_lineage_fields_are_part_of_the_id():
     a = Record(iteration=1, question="q?", answer="a.", question_context=[Neighbour(id="x", distance=0.5)])
     b = Record(iteration=1, question="q?", answer="a.", question_context=[Neighbour(id="y", distance=0.5)])
