@@ -20,10 +20,12 @@ Artifacts go to artifacts/baselines/<name>/, metrics to reports/baselines/<name>
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from isara.console import echo_metrics, guard, stage_params
-from isara.evaluate import _flat, evaluate_model, load_eval_items, load_judges, write_evaluation
+from isara.evaluate import _flat, eval_sources, evaluate_model, load_eval_items, load_judges, write_evaluation
 from isara.params import Evaluate, Export, Finetune, Generate
 from isara.paths import BASELINES, baseline_paths, iter_paths
 from isara.records import read_records, write_json
@@ -46,34 +48,38 @@ def icl_renderer(k: int):
     return render
 
 
-def run_baseline(name: str, cfg: Evaluate, progress: bool = True) -> dict:
+def run_baseline(name: str, cfg: Evaluate, benchmarks_dir: Path | None = None, progress: bool = True) -> dict:
     """baseline@NAME: evaluate one baseline model on the eval prompts."""
     here = baseline_paths(name)
     model = iter_paths(0).gguf if name in ("base", "icl_knn") else here.gguf
     kwargs = {"render": icl_renderer(cfg.k_icl)} if name == "icl_knn" else {}
-    rows, metrics = evaluate_model(model, load_eval_items(cfg), cfg, load_judges(cfg.judge), progress=progress,
-                                   **kwargs)
+    rows, metrics = evaluate_model(model, load_eval_items(cfg, benchmarks_dir), cfg, load_judges(cfg.judge),
+                                   progress=progress, **kwargs)
+    metrics["prompts"] = eval_sources(cfg, benchmarks_dir)
     if name == "icl_knn":
         metrics["k_icl"] = cfg.k_icl
     write_evaluation(here.responses, here.metrics("evaluate"), rows, metrics)
     return metrics
 
 
-def train_and_export(name: str, records, finetune: Finetune, export: Export, progress: bool = True) -> dict:
-    """Fine-tune M0 on `records`, export to GGUF; metrics of both steps."""
-    from isara.export import export_gguf
+def train_and_export(name: str, records, finetune: Finetune, export: Export, progress: bool = True,
+                     seeds=None, base=None) -> dict:
+    """Fine-tune M0 on `records`, export to GGUF; metrics of both steps. With the `seeds` and `base` params the
+    GGUF names itself and carries the bare-layout chat template, as export@t's (isara.export.release_metadata)."""
+    from isara.export import export_gguf, release_metadata
     from isara.finetune import train
 
     here = baseline_paths(name)
     metrics = train(iter_paths(0).hf, records, here.hf, finetune, None, progress)  # no DVCLive curves for baselines
     metrics["dataset_size"] = len(records)
     write_json(here.metrics("finetune"), metrics)
-    export_gguf(here.hf, here.gguf, export.outtype)
+    metadata = release_metadata(here.hf, name, seeds, base) if seeds is not None and base is not None else None
+    export_gguf(here.hf, here.gguf, export.outtype, metadata=metadata)
     return metrics
 
 
-def run_sft_seed(finetune: Finetune, export: Export, progress: bool = True) -> dict:
-    return train_and_export("sft_seed", read_records(iter_paths(0).dataset), finetune, export, progress)
+def run_sft_seed(finetune: Finetune, export: Export, progress: bool = True, seeds=None, base=None) -> dict:
+    return train_and_export("sft_seed", read_records(iter_paths(0).dataset), finetune, export, progress, seeds, base)
 
 
 def one_shot_config(cfg: Generate, n_iterations: int) -> Generate:
@@ -82,25 +88,28 @@ def one_shot_config(cfg: Generate, n_iterations: int) -> Generate:
 
 
 def run_one_shot(generate: Generate, n_iterations: int, finetune: Finetune, export: Export,
-                 progress: bool = True) -> dict:
+                 progress: bool = True, seeds=None, base=None) -> dict:
     from isara.generate import (
         Checkpoint,
         checkpoint_path,
         generate_samples,
         generation_metrics,
         load_engine,
+        prepare_levers,
     )
     from isara.index import Retriever
     from isara.records import file_sha256, write_jsonl
 
-    here, seeds, index = baseline_paths("one_shot"), iter_paths(0), iter_paths(SEED_INDEX_ITERATION).index
+    here, d0, index = baseline_paths("one_shot"), iter_paths(0), iter_paths(SEED_INDEX_ITERATION).index
     cfg = one_shot_config(generate, n_iterations)
-    retriever = Retriever.load(index, seeds.dataset)
-    previous = read_records(seeds.dataset)
-    model_sha = file_sha256(seeds.gguf)
-    checkpoint = Checkpoint(checkpoint_path("one_shot", cfg, model_sha, seeds.dataset, index))
-    engine = load_engine(seeds.gguf, cfg.engine, cfg.batch_size, cfg.n_ctx, cfg.n_threads, cfg.seed, cfg.n_gpu_layers)
-    result = generate_samples(engine, model_sha, retriever, int(SEED_INDEX_ITERATION), cfg, progress, checkpoint)
+    retriever = Retriever.load(index, d0.dataset)
+    previous = read_records(d0.dataset)
+    model_sha = file_sha256(d0.gguf)
+    levers = prepare_levers(cfg, retriever)  # issue 10's filters, as in generate@1 (stance quota over N x T)
+    checkpoint = Checkpoint(checkpoint_path("one_shot", cfg, model_sha, d0.dataset, index, levers))
+    engine = load_engine(d0.gguf, cfg.engine, cfg.batch_size, cfg.n_ctx, cfg.n_threads, cfg.seed, cfg.n_gpu_layers)
+    result = generate_samples(engine, model_sha, retriever, int(SEED_INDEX_ITERATION), cfg, progress, checkpoint,
+                              levers)
     del engine
     dataset = [*previous, *result.accepted]
     write_jsonl(here.generated, result.accepted)
@@ -109,7 +118,7 @@ def run_one_shot(generate: Generate, n_iterations: int, finetune: Finetune, expo
     gen_metrics = generation_metrics(result, cfg, len(previous))
     write_json(here.metrics("generate"), gen_metrics)
     checkpoint.remove()
-    ft = train_and_export("one_shot", dataset, finetune, export, progress)
+    ft = train_and_export("one_shot", dataset, finetune, export, progress, seeds, base)
     return {"accepted": gen_metrics["accepted"], "requested": cfg.n_samples, "dataset_size": len(dataset),
             "final_loss": ft["final_loss"], "seconds": round(gen_metrics["seconds"] + ft["seconds"], 2)}
 
@@ -124,14 +133,14 @@ def command() -> None:
 def evaluate_command(name: str) -> None:
     """baseline@NAME: harmful rate and over-refusal of a baseline (params `evaluate`)."""
     p = stage_params()
-    echo_metrics(f"baseline@{name}", _flat(guard(run_baseline, name, p.evaluate)))
+    echo_metrics(f"baseline@{name}", _flat(guard(run_baseline, name, p.evaluate, p.benchmarks.dir)))
 
 
 @command.command("sft-seed")
 def sft_seed_command() -> None:
     """baseline_sft_seed: fine-tune M0 on the seed set only (params `finetune`, `export`)."""
     p = stage_params()
-    m = guard(run_sft_seed, p.finetune, p.export)
+    m = guard(run_sft_seed, p.finetune, p.export, seeds=p.seeds, base=p.base)
     echo_metrics("baseline_sft_seed", {k: m[k] for k in ("examples", "steps", "final_loss", "seconds")})
 
 
@@ -139,4 +148,5 @@ def sft_seed_command() -> None:
 def one_shot_command() -> None:
     """baseline_one_shot: generate N x T samples from M0 in one round, fine-tune M0 on D0 + them."""
     p = stage_params()
-    echo_metrics("baseline_one_shot", guard(run_one_shot, p.generate, len(p.iterations), p.finetune, p.export))
+    echo_metrics("baseline_one_shot", guard(run_one_shot, p.generate, len(p.iterations), p.finetune, p.export,
+                                            seeds=p.seeds, base=p.base))

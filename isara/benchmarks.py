@@ -1,6 +1,8 @@
-"""Loaders for the public benchmark files in `../shared/data/benchmarks/` (see SOURCES.md there).
+"""Loaders for the public benchmark files (harmbench/, xstest/, truthfulqa/, ... under one folder: the layout
+below; where each file comes from and its license: README "Benchmark data").
 
-Every loader takes a path and reads the file where it lies: benchmark data is never copied into this
+The pipeline finds that folder through params `benchmarks.dir` (null: it runs without it); the commands outside
+the pipeline through `$ISARA_BENCHMARKS_DIR` or their own path options. Every loader takes a path and reads the file where it lies: benchmark data is never copied into this
 repository (DESIGN.md §5). Each returns a list of small frozen pydantic models, and raises
 `BenchmarkFormatError` naming the file, and the missing column or the bad line, when the file is absent
 or is not the format the loader expects, so a wrong path fails at load time rather than as a silently
@@ -20,7 +22,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-# Paths of the shared files, relative to `default_benchmarks_dir()` (one source of truth for names).
+# Paths of the files, relative to the benchmarks folder (one source of truth for names).
 HARMBENCH = "harmbench/harmbench_behaviors_text_all.csv"
 ADVBENCH = "advbench/harmful_behaviors.csv"
 BEAVERTAILS_EVAL = "beavertails_eval/BeaverTails-Evaluation.csv"  # CC BY-NC 4.0: optional, never a default
@@ -39,17 +41,37 @@ class BenchmarkFormatError(ValueError):
     """A benchmark file is missing, unreadable, or not in the format its loader expects."""
 
 
-def default_benchmarks_dir() -> Path:
-    """`$ISARA_BENCHMARKS_DIR` if set, else `<repo root>/../shared/data/benchmarks`."""
-    env = os.environ.get("ISARA_BENCHMARKS_DIR")
-    if env:
-        return Path(env)
-    return (Path(__file__).resolve().parent.parent / ".." / "shared" / "data" / "benchmarks").resolve()
+BENCHMARKS_ENV = "ISARA_BENCHMARKS_DIR"
+
+
+def default_benchmarks_dir() -> Path | None:
+    """`$ISARA_BENCHMARKS_DIR`, or None. Only for the commands outside the pipeline: the pipeline reads params
+    `benchmarks.dir`, which DVC tracks (an environment variable would change results without rerunning stages)."""
+    env = os.environ.get(BENCHMARKS_ENV)
+    return Path(env) if env else None
 
 
 def benchmark_path(relative: str, root: str | Path | None = None) -> Path:
-    """A shared file's path, e.g. `benchmark_path(HARMBENCH)`."""
-    return Path(root if root is not None else default_benchmarks_dir()) / relative
+    """A benchmark file's path, e.g. `benchmark_path(HARMBENCH, root)`; root None: `$ISARA_BENCHMARKS_DIR`."""
+    root = root if root is not None else default_benchmarks_dir()
+    if root is None:
+        raise BenchmarkFormatError(f"no benchmarks folder for {relative}: set {BENCHMARKS_ENV} or pass a path "
+                                   "(README \"Benchmark data\")")
+    return Path(root) / relative
+
+
+def pipeline_benchmark_path(relative: str, benchmarks_dir: Path | None, param: str = "benchmarks.dir") -> Path | None:
+    """A benchmark file for a pipeline stage: None when params `benchmarks.dir` is null (the stage then runs without
+    it); an error naming the param and the file when the folder is set but the file is not in it."""
+    from isara.paths import resolve_path
+
+    if benchmarks_dir is None:
+        return None
+    path = resolve_path(benchmarks_dir) / relative
+    if not path.is_file():
+        raise BenchmarkFormatError(f"{path}: benchmark file not found (params.yaml {param} = {str(benchmarks_dir)!r}; "
+                                   f"expected {relative} under it, see README \"Benchmark data\")")
+    return path
 
 
 # --------------------------------------------------------------------------------------------------
@@ -167,7 +189,7 @@ class EvalPrompt(BaseModel):
 def _check_file(path: str | Path) -> Path:
     path = Path(path)
     if not path.is_file():
-        raise BenchmarkFormatError(f"{path}: benchmark file not found (set ISARA_BENCHMARKS_DIR or pass a path)")
+        raise BenchmarkFormatError(f"{path}: benchmark file not found")
     return path
 
 

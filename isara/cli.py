@@ -16,7 +16,7 @@ from isara.console import guard
 from isara.params import DEFAULT_PARAMS, load_params
 
 STAGES = ["seeds", "prepare", "index", "generate", "finetune", "export", "datacard", "judge", "evaluate", "baseline",
-          "truthfulqa", "report"]
+          "truthfulqa", "report", "package"]
 # Stages whose command lives in another stage's module: (module, attribute).
 STAGE_COMMANDS = {"judge": ("evaluate", "judge_command")}
 # Commands outside the pipeline, also loaded lazily: name -> (module, attribute).

@@ -21,7 +21,6 @@ output, so anyone can re-judge them without regenerating. The baselines (isara/b
 
 from __future__ import annotations
 
-import json
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -31,14 +30,13 @@ from pathlib import Path
 import click
 
 from isara.console import echo_metrics, guard, stage_params
+from isara.judge import JUDGE_FILE, LEARNED_FILE  # the judge stage's files (generate reads them too)
 from isara.params import Evaluate, Judge
 from isara.paths import JUDGE, JUDGE_METRICS, iter_paths
 from isara.prompts import QUESTION_PREFIX, sft_prompt
 from isara.records import Sampling, file_sha256, write_json, write_jsonl
 
 HARMFUL, SAFE = "harmful", "safe"
-LEARNED_FILE = "learned.json"  # LearnedJudge.save format (isara.judge)
-JUDGE_FILE = "judge.json"  # which judges exist and their held-out agreement
 
 
 # ----------------------------------------------------------------------------------------------- prompts
@@ -49,6 +47,32 @@ class EvalItem:
     set: str  # "harmful" or "safe"
     prompt: str
     category: str
+
+
+# Each format's own file: the project's eval sets, or the benchmark's file under params `benchmarks.dir`.
+PROJECT_EVAL = {HARMFUL: Path("data/eval/harmful.jsonl"), SAFE: Path("data/eval/safe.jsonl")}
+
+
+def _benchmark_file(fmt: str) -> str:
+    from isara import benchmarks as b
+
+    return {"harmbench": b.HARMBENCH, "advbench": b.ADVBENCH, "beavertails": b.BEAVERTAILS_EVAL,
+            "xstest": b.XSTEST_PROMPTS, "hh_rlhf": b.HH_RLHF_HARMLESS_TEST}[fmt]
+
+
+def prompt_file(role: str, path: Path | None, fmt: str, benchmarks_dir: Path | None) -> Path:
+    """Where evaluate reads the `role` set: `evaluate.<role>_path` if given, else the format's own file."""
+    from isara.benchmarks import pipeline_benchmark_path
+    from isara.paths import resolve_path
+
+    if path is not None:
+        return resolve_path(path)
+    if fmt == "eval":
+        return resolve_path(PROJECT_EVAL[role])
+    if benchmarks_dir is None:
+        raise ValueError(f"params.yaml: evaluate.{role}_format is {fmt!r} but benchmarks.dir is null: set benchmarks.dir "
+                         f"to the benchmarks folder (README \"Benchmark data\") or evaluate.{role}_path to the file")
+    return pipeline_benchmark_path(_benchmark_file(fmt), benchmarks_dir)
 
 
 def load_prompts(path: Path, fmt: str, role: str) -> list[tuple[str, str]]:
@@ -89,10 +113,28 @@ def stratified(pairs: Sequence[tuple[str, str]], limit: int) -> list[tuple[str, 
     return out
 
 
-def load_eval_items(cfg: Evaluate) -> list[EvalItem]:
+def _prompt_sets(cfg: Evaluate) -> tuple[tuple[str, Path | None, str], ...]:
+    return (HARMFUL, cfg.harmful_path, cfg.harmful_format), (SAFE, cfg.safe_path, cfg.safe_format)
+
+
+def eval_sources(cfg: Evaluate, benchmarks_dir: Path | None) -> dict[str, dict]:
+    """The file and format of each prompt set as the metrics and the report name them: as params.yaml names it,
+    so the same run on another machine (or in an experiment's temp copy) records the same thing."""
+    def shown(role: str, path: Path | None, fmt: str) -> str:
+        if path is not None:
+            return str(path)
+        if fmt == "eval":
+            return str(PROJECT_EVAL[role])
+        return f"{benchmarks_dir}/{_benchmark_file(fmt)}"
+
+    return {role: {"path": shown(role, path, fmt), "format": fmt} for role, path, fmt in _prompt_sets(cfg)}
+
+
+def load_eval_items(cfg: Evaluate, benchmarks_dir: Path | None = None) -> list[EvalItem]:
     items = []
-    for role, path, fmt in ((HARMFUL, cfg.harmful_path, cfg.harmful_format), (SAFE, cfg.safe_path, cfg.safe_format)):
-        items += [EvalItem(role, p, c) for p, c in stratified(load_prompts(path, fmt, role), cfg.limit)]
+    for role, path, fmt in _prompt_sets(cfg):
+        pairs = load_prompts(prompt_file(role, path, fmt, benchmarks_dir), fmt, role)
+        items += [EvalItem(role, p, c) for p, c in stratified(pairs, cfg.limit)]
     return items
 
 
@@ -119,45 +161,40 @@ class Judges:
 
 def load_judges(choice: str, judge_dir: Path = JUDGE) -> Judges:
     """Pick the headline judge: `strmatch`, `learned` (must exist), or `auto` (better held-out agreement)."""
-    from isara.judge import LearnedJudge
+    from isara.judge import read_judge_dir, select_judge
 
-    info_path = Path(judge_dir) / JUDGE_FILE
-    info = json.loads(info_path.read_text()) if info_path.is_file() else {"learned": False}
-    learned = LearnedJudge.load(Path(judge_dir) / LEARNED_FILE) if info.get("learned") else None
-    agreement = None
-    if learned is not None:
-        agreement = {"strmatch": info["strmatch_agreement"], "learned": info["learned_agreement"]}
-    if choice == "learned" and learned is None:
-        raise ValueError(f"evaluate.judge is 'learned' but {judge_dir} holds no learned judge: set judge.xstest_dir "
-                         "to XSTest's folder (../shared/data/benchmarks/xstest) and rerun the judge stage")
-    if choice == "auto":
-        choice = "learned" if agreement and agreement["learned"] > agreement["strmatch"] else "strmatch"
+    learned, agreement = read_judge_dir(judge_dir)
+    choice = select_judge(choice, learned, agreement, judge_dir)
     return Judges(choice, learned, agreement)
 
 
-def run_judge(cfg: Judge, out_dir: Path = JUDGE, metrics_path: Path = JUDGE_METRICS) -> dict:
-    """judge stage: train the learned judge on XSTest's human-labelled completions (if `judge.xstest_dir`),
-    held out by prompt, and record its agreement next to string matching's on the same held-out rows."""
+def run_judge(cfg: Judge, benchmarks_dir: Path | None, out_dir: Path = JUDGE,
+              metrics_path: Path = JUDGE_METRICS) -> dict:
+    """judge stage: train the learned judge on XSTest's human-labelled completions (under `benchmarks.dir`),
+    held out by prompt, and record its agreement next to string matching's on the same held-out rows.
+    Without benchmark data, string matching judges everything, and the metrics say why."""
     import shutil
 
-    from isara.benchmarks import XSTEST_COMPLETIONS, load_xstest_completions
+    from isara.benchmarks import XSTEST_COMPLETIONS, load_xstest_completions, pipeline_benchmark_path
     from isara.judge import train_learned_judge
 
     start = time.perf_counter()
+    files = [pipeline_benchmark_path(rel, benchmarks_dir) for rel in XSTEST_COMPLETIONS]  # errors before any write
     out_dir = Path(out_dir)
     shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.mkdir(parents=True)
-    if cfg.xstest_dir is None:
+    if benchmarks_dir is None:
+        click.echo("judge: no benchmark data (params benchmarks.dir is null): string matching judges every response")
         info = {"learned": False}
-        metrics = {"learned": False, "selected": "strmatch"}
+        metrics = {"learned": False, "selected": "strmatch", "data": None}
     else:
-        rows = [r for rel in XSTEST_COMPLETIONS
-                for r in load_xstest_completions(Path(cfg.xstest_dir) / Path(rel).name)]
+        rows = [r for path in files for r in load_xstest_completions(path)]
         judge, report = train_learned_judge(rows, seed=cfg.seed, test_fraction=cfg.test_fraction)
         judge.save(out_dir / LEARNED_FILE)
         info = {"learned": True, **report.model_dump(mode="json")}
         metrics = {"learned": True, **{k: v for k, v in info.items() if k not in ("learned", "test_prompt_ids")}}
         metrics["selected"] = "learned" if report.learned_agreement > report.strmatch_agreement else "strmatch"
+        metrics["data"] = f"{benchmarks_dir}/xstest"  # as params.yaml names it
     write_json(out_dir / JUDGE_FILE, info)
     metrics["seconds"] = round(time.perf_counter() - start, 2)
     write_json(metrics_path, metrics)
@@ -260,10 +297,11 @@ def write_evaluation(responses_path: Path, metrics_path: Path, rows: list[dict],
     write_json(metrics_path, metrics)
 
 
-def run_evaluate(iteration: str, cfg: Evaluate, progress: bool = True) -> dict:
+def run_evaluate(iteration: str, cfg: Evaluate, benchmarks_dir: Path | None = None, progress: bool = True) -> dict:
     here = iter_paths(iteration)
     judges = load_judges(cfg.judge)
-    rows, metrics = evaluate_model(here.gguf, load_eval_items(cfg), cfg, judges, progress=progress)
+    rows, metrics = evaluate_model(here.gguf, load_eval_items(cfg, benchmarks_dir), cfg, judges, progress=progress)
+    metrics["prompts"] = eval_sources(cfg, benchmarks_dir)
     write_evaluation(here.responses, here.metrics("evaluate"), rows, metrics)
     return metrics
 
@@ -279,11 +317,11 @@ def _flat(metrics: dict) -> dict:
 def command(iteration: str) -> None:
     """evaluate@ITERATION: harmful rate and over-refusal of artifacts/<t>/model.gguf (params `evaluate`)."""
     p = stage_params()
-    echo_metrics(f"evaluate@{iteration}", _flat(guard(run_evaluate, iteration, p.evaluate)))
+    echo_metrics(f"evaluate@{iteration}", _flat(guard(run_evaluate, iteration, p.evaluate, p.benchmarks.dir)))
 
 
 @click.command("judge")
 def judge_command() -> None:
     """judge stage: train the learned refusal judge on XSTest's human labels (params `judge`)."""
     p = stage_params()
-    echo_metrics("judge", _flat(guard(run_judge, p.judge)))
+    echo_metrics("judge", _flat(guard(run_judge, p.judge, p.benchmarks.dir)))

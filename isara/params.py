@@ -62,6 +62,22 @@ class Generate(Section):
     max_repeated_ngram_share: float = Field(0.3, ge=0.0, le=1.0)
     max_embedding_similarity: float = Field(0.92, gt=0.0, le=1.0)
     max_rouge_l: float = Field(0.7, gt=0.0, le=1.0)
+    # Issue 10's filters (isara/filters.py). out_of_domain: reject a question whose nearest example in D(t-1)
+    # ("data") or in D0 only ("seeds") is farther than out_of_domain_distance (Annoy angular, sqrt(2 - 2 cos));
+    # "off" disables. Distance null: the seeds' own 95th-percentile nearest-other-seed distance.
+    out_of_domain: Literal["data", "seeds", "off"] = "data"
+    out_of_domain_distance: float | None = Field(None, gt=0.0, le=2.0)
+    # Reject an answer whose stance (declines / complies) differs from the majority of its k_answer examples.
+    stance_consistency: bool = True
+    # Accepted declining share kept within D0's share +- this band (quota per stance); null disables.
+    stance_band: float | None = Field(0.15, ge=0.0, le=1.0)
+    # Judge of the stance, as evaluate.judge: auto (the judge stage's better one), strmatch or learned.
+    stance_judge: Literal["auto", "strmatch", "learned"] = "auto"
+
+    @property
+    def labels_stance(self) -> bool:
+        """Whether answers get a stance at all; with both stance filters off, records are as before them."""
+        return self.stance_consistency or self.stance_band is not None
 
     @model_validator(mode="after")
     def _bounds(self) -> "Generate":
@@ -93,10 +109,15 @@ class Export(Section):
     outtype: Literal["q8_0", "f16", "f32"] = "q8_0"
 
 
+class Benchmarks(Section):
+    # The folder holding the public benchmark files (layout: isara.benchmarks; sources and licenses: README
+    # "Benchmark data"). The one setting for all of them. None: the pipeline runs without them (string matching
+    # judges, the TruthfulQA stages record that they did not run). A relative path is taken from the project root.
+    dir: Path | None = None
+
+
 class Judge(Section):
-    # Folder with XSTest's human-labelled completions (xstest_v2_completions_*_gpteval.csv). None: no learned
-    # judge, string matching judges everything.
-    xstest_dir: Path | None = None
+    # Trains on <benchmarks.dir>/xstest/xstest_v2_completions_*_gpteval.csv (XSTest's human labels).
     seed: int = 0  # prompt-grouped train/held-out split
     test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
 
@@ -106,9 +127,10 @@ EvalFormat = Literal["eval", "harmbench", "advbench", "beavertails", "xstest", "
 
 
 class Evaluate(Section):
-    harmful_path: Path = Path("data/eval/harmful.jsonl")
+    # None: the format's own file (data/eval/<set>.jsonl for "eval", the benchmark's file under benchmarks.dir).
+    harmful_path: Path | None = None
     harmful_format: EvalFormat = "eval"
-    safe_path: Path = Path("data/eval/safe.jsonl")
+    safe_path: Path | None = None
     safe_format: EvalFormat = "eval"
     limit: int = Field(10, ge=0)  # prompts per set, spread round-robin over categories; 0 = all
     max_tokens: int = Field(48, ge=1)
@@ -125,7 +147,7 @@ class Datacard(Section):
     # 0.9 cosine between MiniLM sentence vectors is a paraphrase, not merely the same topic.
     near_duplicate_threshold: float = Field(0.9, gt=0.0, le=1.0)
     # Out-of-domain flag, Annoy angular distance sqrt(2 - 2 cos) to the nearest retrieved example.
-    # null: the 95th percentile of the seeds' distances to their nearest other seed (isara.datacard.seed_far_distance)
+    # null: the 95th percentile of the seeds' distances to their nearest other seed (isara.filters.seed_far_distance)
     far_distance: float | None = Field(None, gt=0.0, le=2.0)
     n_examples: int = Field(3, ge=0)
     top_k: int = Field(5, ge=1)
@@ -133,16 +155,21 @@ class Datacard(Section):
 
 
 class Truthfulqa(Section):
-    # TruthfulQA.csv (MC1/MC2 of the base model and every M(t)); None: the stage records that it did not run.
-    csv: Path | None = None
+    # Reads <benchmarks.dir>/truthfulqa/TruthfulQA.csv; with benchmarks.dir null the stages record "not run".
     limit: int = Field(50, ge=0)  # held-out questions scored, in file order; 0 = all
     n_ctx: int = Field(1024, ge=128)
     n_threads: int = Field(2, ge=1)
 
 
+class Package(Section):
+    # The release folder of every fine-tuned model (isara/package.py): model card, Ollama Modelfile, licenses.
+    num_predict: int = Field(256, ge=1)  # Ollama's token limit per answer (evaluation reads only evaluate.max_tokens)
+
+
 class Params(Section):
     seeds: Seeds
     base: Base = Base()
+    benchmarks: Benchmarks = Benchmarks()
     iterations: dict[str, Iteration]
     index: Index = Index()
     generate: Generate = Generate()
@@ -152,6 +179,7 @@ class Params(Section):
     judge: Judge = Judge()
     evaluate: Evaluate = Evaluate()
     truthfulqa: Truthfulqa = Truthfulqa()
+    package: Package = Package()
 
     @model_validator(mode="after")
     def _schedule(self) -> "Params":

@@ -24,6 +24,39 @@ BASELINE_ARTIFACTS = ARTIFACTS / "baselines"
 BASELINE_REPORTS = REPORTS / "baselines"
 
 
+# `dvc exp run --temp` and queued experiments run in a copy of the project at <project>/.dvc/tmp/exps/<name>/
+# (DVC's executors; DESIGN.md §4).
+EXPERIMENT_COPY_PARTS = (".dvc", "tmp", "exps")
+
+
+def project_root(cwd: Path | None = None) -> Path:
+    """The project a stage belongs to: the working directory, or, inside an experiment's temp copy, the project
+    that DVC copied it from."""
+    cwd = Path.cwd() if cwd is None else Path(cwd)
+    parts = cwd.parts
+    n = len(EXPERIMENT_COPY_PARTS)
+    for i in range(len(parts) - n, 0, -1):
+        if parts[i : i + n] == EXPERIMENT_COPY_PARTS:
+            return Path(*parts[:i])
+    return cwd
+
+
+def resolve_path(path: Path | str, cwd: Path | None = None) -> Path:
+    """A path a user gave in params.yaml. Relative paths are taken from the working directory (the project root
+    under `dvc repro`); in an experiment's temp copy, a relative path that the copy lacks (a file outside the
+    repository, like `../benchmarks`) is taken from the project that DVC copied, so `dvc exp run --queue` and
+    `--temp` read the same file as `dvc repro`."""
+    path = Path(path)
+    if path.is_absolute():
+        return path
+    cwd = Path.cwd() if cwd is None else Path(cwd)
+    here = cwd / path
+    if here.exists():
+        return here
+    origin = project_root(cwd)
+    return origin / path if origin != cwd else here
+
+
 @dataclass(frozen=True)
 class IterPaths:
     iteration: str
@@ -74,6 +107,11 @@ class IterPaths:
 
     def metrics(self, stage: str) -> Path:
         return self.reports / f"{stage}.json"
+
+    @property
+    def package(self) -> Path:
+        """M(t) as released (package@t): model card README.md, Ollama Modelfile (FROM ../model.gguf), LICENSE, NOTICE."""
+        return self.dir / "package"
 
     @property
     def datacard(self) -> Path:

@@ -79,7 +79,8 @@ def results_rows(per_iteration: dict[str, dict[str, dict]], baselines: dict[str,
         tqa = stages.get("truthfulqa", {})
         return {"label": label, "kind": kind, "harmful_rate": ev.get("harmful_rate"),
                 "over_refusal": ev.get("over_refusal"), "n_harmful": ev.get("n_harmful"), "n_safe": ev.get("n_safe"),
-                "judge": ev.get("judge"), "dataset_size": dataset_size, "mc1": tqa.get("mc1"), "mc2": tqa.get("mc2")}
+                "judge": ev.get("judge"), "dataset_size": dataset_size, "mc1": tqa.get("mc1"), "mc2": tqa.get("mc2"),
+                "prompts": ev.get("prompts"), "truthfulqa": tqa.get("data") or tqa.get("skipped")}
 
     for name, stages in baselines.items():
         size = {"base": None, "icl_knn": seed_count, "sft_seed": seed_count}.get(name)
@@ -90,21 +91,65 @@ def results_rows(per_iteration: dict[str, dict[str, dict]], baselines: dict[str,
         if it == "0":
             continue
         rows.append(row(f"ISARA iter {it}", "iteration", stages, stages.get("generate", {}).get("dataset_size")))
-    return [r for r in rows if r["harmful_rate"] is not None or r["mc1"] is not None]
+    return [r for r in rows if r["harmful_rate"] is not None or r["mc1"] is not None or r["truthfulqa"]]
 
 
 def _pct(x) -> str:
     return "–" if x is None else f"{100 * x:.1f}%"
 
 
+def wilson(rate: float | None, n: int | None, z: float = 1.96) -> tuple[float, float] | None:
+    """95% Wilson score interval of a rate measured on n prompts (it stays inside [0, 1] at 0% and 100%)."""
+    if rate is None or not n:
+        return None
+    centre = (rate + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * ((rate * (1 - rate) / n + z * z / (4 * n * n)) ** 0.5) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def _pct_ci(rate: float | None, n: int | None) -> str:
+    ci = wilson(rate, n)
+    return _pct(rate) if ci is None else f"{_pct(rate)} ({100 * ci[0]:.0f}-{100 * ci[1]:.0f})"
+
+
+def versus_baselines(rows: list[dict]) -> list[dict]:
+    """The last ISARA iteration against each baseline (the issue-10 rule): it beats a baseline when its harmful
+    rate + over-refusal is lower and on neither rate it is worse by more than the noise (its rate above the
+    baseline's 95% Wilson interval)."""
+    iters = [r for r in rows if r["kind"] == "iteration" and r["harmful_rate"] is not None]
+    if not iters:
+        return []
+    final = iters[-1]
+    out = []
+    for b in (r for r in rows if r["kind"] == "baseline" and r["harmful_rate"] is not None):
+        worse = [name for key, n, name in (("harmful_rate", "n_harmful", "harmful rate"),
+                                          ("over_refusal", "n_safe", "over-refusal"))
+                 if final[key] > wilson(b[key], b[n])[1]]
+        total, base_total = final["harmful_rate"] + final["over_refusal"], b["harmful_rate"] + b["over_refusal"]
+        beats = total < base_total and not worse
+        out.append({"baseline": b["label"], "final": final["label"], "beats": beats, "sum": round(total, 4),
+                    "baseline_sum": round(base_total, 4), "worse_beyond_noise": worse})
+    return out
+
+
+def versus_table(rows: list[dict]) -> str:
+    lines = ["| baseline | its harmful + over-refusal | final model's | final model worse beyond noise on | "
+             "final model beats it |", "|---|---|---|---|---|"]
+    for v in versus_baselines(rows):
+        lines.append(f"| {v['baseline']} | {_pct(v['baseline_sum'])} | {_pct(v['sum'])} | "
+                     f"{', '.join(v['worse_beyond_noise']) or '–'} | {'yes' if v['beats'] else '**no**'} |")
+    return "\n".join(lines) + "\n"
+
+
 def results_table(rows: list[dict]) -> str:
-    """The markdown table: harmful rate, over-refusal, (MC1/MC2 where run), data set size, judge."""
+    """The markdown table: harmful rate, over-refusal (each with its 95% Wilson interval), (MC1/MC2 where run),
+    data set size, judge."""
     with_tqa = any(r["mc1"] is not None for r in rows)
-    head = ["model", "harmful rate", "over-refusal"] + (["MC1", "MC2"] if with_tqa else []) + [
+    head = ["model", "harmful rate (95% CI)", "over-refusal (95% CI)"] + (["MC1", "MC2"] if with_tqa else []) + [
         "data set size", "judge", "prompts (harmful / safe)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["label"], _pct(r["harmful_rate"]), _pct(r["over_refusal"])]
+        cells = [r["label"], _pct_ci(r["harmful_rate"], r["n_harmful"]), _pct_ci(r["over_refusal"], r["n_safe"])]
         if with_tqa:
             cells += ["–" if r["mc1"] is None else f"{r['mc1']:.3f}", "–" if r["mc2"] is None else f"{r['mc2']:.3f}"]
         cells += ["–" if r["dataset_size"] is None else str(r["dataset_size"]), r["judge"] or "–",
@@ -145,6 +190,34 @@ def plot_metric(rows: list[dict], key: str, title: str, out_path: Path) -> Path 
     return out_path
 
 
+def sources_section(rows: list[dict], judge: dict | None) -> str:
+    """Which judge and which data produced the numbers above: every distinct source, with the rows it served."""
+    lines = ["\n## Judge and data\n"]
+    if judge and judge.get("learned"):
+        lines.append(f"- Refusal judge: the learned judge (MiniLM + logistic head) trained on XSTest's human labels "
+                     f"({judge.get('data', 'xstest/')}); held-out agreement on {judge['n_test']} completions of "
+                     f"{judge['n_test_prompts']} prompts not used in training: learned {_pct(judge['learned_agreement'])}, "
+                     f"string matching {_pct(judge['strmatch_agreement'])}. `evaluate.judge: auto` uses the better "
+                     f"one ({judge['selected']}).")
+    else:
+        lines.append("- Refusal judge: string matching (isara.judge.is_refusal) only: no benchmark data "
+                     "(params `benchmarks.dir` is null), so no learned judge was trained.")
+
+    def grouped(key, fmt) -> None:
+        by_source: dict[str, list[str]] = {}
+        for r in rows:
+            if r.get(key):
+                by_source.setdefault(fmt(r[key]), []).append(r["label"])
+        for source, labels in by_source.items():
+            lines.append(f"- {source}" + (f" ({', '.join(labels)})" if len(by_source) > 1 else ""))
+
+    grouped("prompts", lambda p: "Eval prompts: harmful " + ", safe ".join(
+        f"`{p[role]['path']}` ({p[role]['format']})" for role in ("harmful", "safe")))
+    grouped("truthfulqa", lambda t: f"TruthfulQA MC1/MC2: {t}" if t.startswith("not run") else
+            f"TruthfulQA MC1/MC2: `{t}`")
+    return "\n".join(lines) + "\n"
+
+
 def render_report(rows: list[dict], summary: dict, judge: dict | None, figures: list[Path]) -> str:
     parts = ["# ISARA report\n",
              (f"Seed set: {summary['seed_size']} QA pairs; final data set {summary['final_dataset_size']} "
@@ -153,14 +226,12 @@ def render_report(rows: list[dict], summary: dict, judge: dict | None, figures: 
               "prompts refused. Every model answers the same prompts greedily in the bare `Question: ...\\nAnswer:` "
               "layout (ICL-kNN: with retrieved seed QA pairs before it).\n"),
              "## Results\n", results_table(rows)]
-    if judge:
-        if judge.get("learned"):
-            parts.append(f"\nJudge: held-out agreement with XSTest's human labels ({judge['n_test']} completions of "
-                         f"{judge['n_test_prompts']} prompts not used in training): learned judge "
-                         f"{_pct(judge['learned_agreement'])}, string matching {_pct(judge['strmatch_agreement'])}; "
-                         f"`evaluate.judge: auto` uses the better one ({judge['selected']}).\n")
-        else:
-            parts.append("\nJudge: string matching only (judge.xstest_dir is not set, so no learned judge).\n")
+    if versus_baselines(rows):
+        parts += [f"\n## {versus_baselines(rows)[0]['final']} against each baseline\n",
+                  "It beats a baseline when its harmful rate + over-refusal is lower and on neither rate it lies "
+                  "above the baseline's 95% Wilson interval. At a few prompts per set every interval is wide: only "
+                  "the benchmark run (README) separates models.\n", versus_table(rows)]
+    parts.append(sources_section(rows, judge))
     if figures:
         parts.append("\n## Per iteration\n")
         parts += [f"![{f.stem}]({f.relative_to(REPORTS).as_posix()})\n" for f in figures]
@@ -197,6 +268,7 @@ def run_report(seed_dataset: Path) -> dict:
     summary = summarize(per_iteration, seed_count)
     rows = results_rows(per_iteration, read_baseline_metrics(), seed_count)
     summary.update(evaluation_summary(rows))
+    summary["beats"] = {v["baseline"]: v["beats"] for v in versus_baselines(rows)}
     judge = json.loads(JUDGE_METRICS.read_text()) if JUDGE_METRICS.is_file() else None
     figures = [f for f in (plot_metric(rows, "harmful_rate", "harmful rate", FIGURES / "harmful_rate.png"),
                            plot_metric(rows, "over_refusal", "over-refusal", FIGURES / "over_refusal.png")) if f]

@@ -168,7 +168,7 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 def _default_csv() -> Path:
     from isara.benchmarks import TRUTHFULQA, benchmark_path
 
-    return benchmark_path(TRUTHFULQA)
+    return benchmark_path(TRUTHFULQA)  # under $ISARA_BENCHMARKS_DIR
 
 
 def heldout_items(csv_path: Path, seed_questions: set[str], limit: int) -> list:
@@ -179,21 +179,28 @@ def heldout_items(csv_path: Path, seed_questions: set[str], limit: int) -> list:
     return items[:limit] if limit > 0 else items
 
 
-def run_truthfulqa(target: str, cfg, progress: bool = True) -> dict:
+NOT_RUN = "not run: no benchmark data (params benchmarks.dir is null)"
+
+
+def run_truthfulqa(target: str, cfg, benchmarks_dir: Path | None, progress: bool = True) -> dict:
     """Stage truthfulqa@<t> (target = iteration) or truthfulqa_base (target = "base")."""
+    from isara.benchmarks import TRUTHFULQA, pipeline_benchmark_path
     from isara.paths import baseline_paths, iter_paths
     from isara.records import read_records, write_json, write_jsonl
 
     model = iter_paths(0 if target == "base" else target).gguf
     out = baseline_paths("base") if target == "base" else iter_paths(target)
-    if cfg.csv is None:
-        metrics = {"skipped": "params.yaml: truthfulqa.csv is null"}
+    csv_path = pipeline_benchmark_path(TRUTHFULQA, benchmarks_dir)
+    if csv_path is None:
+        click.echo(f"truthfulqa: {NOT_RUN}")
+        metrics = {"skipped": NOT_RUN}
         rows = []
     else:
         seeds = {r.question for r in read_records(iter_paths(0).dataset)}
-        metrics = evaluate_mc(model, heldout_items(Path(cfg.csv), seeds, cfg.limit), cfg.n_threads, progress, cfg.n_ctx)
+        metrics = evaluate_mc(model, heldout_items(csv_path, seeds, cfg.limit), cfg.n_threads, progress, cfg.n_ctx)
         rows = metrics.pop("questions")
         metrics["excluded_seed_questions"] = len(seeds)
+        metrics["data"] = f"{benchmarks_dir}/{TRUTHFULQA}"  # as params.yaml names it
     write_jsonl(out.dir / "truthfulqa.jsonl", rows)
     write_json(out.metrics("truthfulqa"), metrics)
     return metrics
@@ -207,13 +214,13 @@ def command(target: str) -> None:
 
     p = stage_params()
     name = "truthfulqa_base" if target == "base" else f"truthfulqa@{target}"
-    echo_metrics(name, guard(run_truthfulqa, target, p.truthfulqa))
+    echo_metrics(name, guard(run_truthfulqa, target, p.truthfulqa, p.benchmarks.dir))
 
 
 @click.command("truthfulqa-score")
 @click.option("--model", "model_path", required=True, type=click.Path(dir_okay=False), help="GGUF model file.")
 @click.option("--csv", "csv_path", default=None, type=click.Path(dir_okay=False),
-              help="TruthfulQA.csv (default: ../shared/data/benchmarks/truthfulqa/TruthfulQA.csv).")
+              help="TruthfulQA.csv (default: truthfulqa/TruthfulQA.csv under $ISARA_BENCHMARKS_DIR).")
 @click.option("--limit", default=0, show_default=True, help="First N questions (after --exclude); 0 = all.")
 @click.option("--exclude", default=None, type=click.Path(dir_okay=False),
               help="Seed JSONL whose questions are skipped (the truthfulness-domain seed set).")
@@ -228,7 +235,7 @@ def score_command(model_path: str, csv_path: str | None, limit: int, exclude: st
     if exclude:
         skip = {json.loads(line)["question"] for line in Path(exclude).read_text(encoding="utf-8").splitlines()
                 if line.strip()}
-    items = guard(heldout_items, Path(csv_path) if csv_path else _default_csv(), skip, limit)
+    items = guard(heldout_items, Path(csv_path) if csv_path else guard(_default_csv), skip, limit)
     metrics = guard(evaluate_mc, Path(model_path), items, threads)
     metrics["model"] = str(model_path)
     if out:
@@ -249,7 +256,7 @@ def seeds_command(out: str, heldout: str | None, csv_path: str | None, n: int, s
     """The truthfulness-domain seed set: N TruthfulQA questions stratified by category, Best Answer as answer."""
     from isara.benchmarks import load_truthfulqa
 
-    items = guard(load_truthfulqa, Path(csv_path) if csv_path else _default_csv())
+    items = guard(load_truthfulqa, Path(csv_path) if csv_path else guard(_default_csv))
     seeds, held = guard(stratified_seed_split, items, n, seed)
     _write_jsonl(Path(out), [{"question": s.question, "answer": s.best_answer} for s in seeds])
     if heldout:

@@ -14,6 +14,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SEEDS = REPO / "data" / "seeds"
+# The public benchmark files for the tests that need them: $ISARA_BENCHMARKS_DIR, else the workspace's copy beside
+# this checkout (CI lays it there). The pipeline itself never looks there unless params benchmarks.dir says so.
+SHARED_BENCHMARKS = Path(os.environ.get("ISARA_BENCHMARKS_DIR") or REPO.parent / "shared" / "data" / "benchmarks")
 
 
 def isolated_env(home: Path) -> dict[str, str]:
@@ -90,14 +93,12 @@ generate:
 finetune: {max_steps: 1, batch_size: 4, max_length: 128, epochs: 1}
 export: {outtype: q8_0}
 datacard: {n_examples: 2}
-judge: {xstest_dir: null}
-evaluate: {harmful_path: data/eval/harmful.jsonl, safe_path: data/eval/safe.jsonl, limit: 2, max_tokens: 8,
-           k_icl: 2, n_ctx: 1024}
-truthfulqa: {csv: TQA_CSV, limit: 2}
+benchmarks: {dir: null}
+judge: {seed: 0}
+evaluate: {limit: 2, max_tokens: 8, k_icl: 2, n_ctx: 1024}
+truthfulqa: {limit: 2}
+package: {num_predict: 64}
 """
-# The shared TruthfulQA file where it lies beside this checkout; without it the truthfulqa stages record a skip.
-_TQA = REPO.parent / "shared" / "data" / "benchmarks" / "truthfulqa" / "TruthfulQA.csv"
-TINY_PARAMS = TINY_PARAMS.replace("TQA_CSV", str(_TQA) if _TQA.is_file() else "null")
 
 
 def make_project(root: Path, params: str = TINY_PARAMS, n_seeds: int = 8) -> Project:

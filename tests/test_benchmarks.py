@@ -9,10 +9,11 @@ import json
 import pytest
 from pydantic import ValidationError
 
+from conftest import SHARED_BENCHMARKS as ROOT
+
 from isara import benchmarks as bm
 from isara.benchmarks import BenchmarkFormatError
 
-ROOT = bm.default_benchmarks_dir()
 needs_shared = pytest.mark.skipif(
     not (ROOT / "SOURCES.md").is_file(),
     reason=f"shared benchmark dir {ROOT} is absent (set ISARA_BENCHMARKS_DIR to run these)",
@@ -24,7 +25,19 @@ def test_default_dir_honours_env(monkeypatch, tmp_path):
     assert bm.default_benchmarks_dir() == tmp_path
     assert bm.benchmark_path(bm.ADVBENCH) == tmp_path / "advbench" / "harmful_behaviors.csv"
     monkeypatch.delenv("ISARA_BENCHMARKS_DIR")
-    assert bm.default_benchmarks_dir().parts[-3:] == ("shared", "data", "benchmarks")
+    assert bm.default_benchmarks_dir() is None  # no workspace-only fallback: a user's clone has nothing beside it
+    with pytest.raises(BenchmarkFormatError, match="ISARA_BENCHMARKS_DIR"):
+        bm.benchmark_path(bm.ADVBENCH)
+    assert bm.benchmark_path(bm.ADVBENCH, tmp_path) == tmp_path / "advbench" / "harmful_behaviors.csv"
+
+
+def test_pipeline_benchmark_path_is_optional_but_strict(tmp_path):
+    assert bm.pipeline_benchmark_path(bm.TRUTHFULQA, None) is None
+    with pytest.raises(BenchmarkFormatError, match=r"benchmarks.dir = .*truthfulqa/TruthfulQA.csv"):
+        bm.pipeline_benchmark_path(bm.TRUTHFULQA, tmp_path)
+    (tmp_path / "truthfulqa").mkdir()
+    (tmp_path / "truthfulqa" / "TruthfulQA.csv").write_text("x")
+    assert bm.pipeline_benchmark_path(bm.TRUTHFULQA, tmp_path) == tmp_path / "truthfulqa" / "TruthfulQA.csv"
 
 
 # ---------------------------------------------------------------------------------------------- real files
@@ -32,8 +45,8 @@ def test_default_dir_honours_env(monkeypatch, tmp_path):
 
 @needs_shared
 def test_harmbench():
-    standard = bm.load_harmbench(bm.benchmark_path(bm.HARMBENCH))
-    everything = bm.load_harmbench(bm.benchmark_path(bm.HARMBENCH), functional_category=None)
+    standard = bm.load_harmbench(bm.benchmark_path(bm.HARMBENCH, ROOT))
+    everything = bm.load_harmbench(bm.benchmark_path(bm.HARMBENCH, ROOT), functional_category=None)
     assert len(everything) == 400
     assert collections.Counter(b.functional_category for b in everything) == {
         "standard": 200,
@@ -41,7 +54,7 @@ def test_harmbench():
         "copyright": 100,
     }
     assert len(standard) == 200 and all(b.functional_category == "standard" for b in standard)
-    assert len(bm.load_harmbench(bm.benchmark_path(bm.HARMBENCH), "contextual")) == 100
+    assert len(bm.load_harmbench(bm.benchmark_path(bm.HARMBENCH, ROOT), "contextual")) == 100
     assert standard[0].behavior_id == "dimethylmercury_instructions_home"
     assert len({b.behavior_id for b in everything}) == 400
     with pytest.raises(ValidationError, match="frozen"):
@@ -50,7 +63,7 @@ def test_harmbench():
 
 @needs_shared
 def test_advbench():
-    rows = bm.load_advbench(bm.benchmark_path(bm.ADVBENCH))
+    rows = bm.load_advbench(bm.benchmark_path(bm.ADVBENCH, ROOT))
     assert len(rows) == 520
     assert rows[0].goal.startswith("Write a script that can exploit vulnerabilities")
     assert rows[0].target.startswith("Sure, here is")
@@ -58,7 +71,7 @@ def test_advbench():
 
 @needs_shared
 def test_beavertails_eval():
-    rows = bm.load_beavertails_eval(bm.benchmark_path(bm.BEAVERTAILS_EVAL))
+    rows = bm.load_beavertails_eval(bm.benchmark_path(bm.BEAVERTAILS_EVAL, ROOT))
     assert len(rows) == 700
     counts = collections.Counter(r.category for r in rows)
     assert len(counts) == 14 and set(counts.values()) == {50}
@@ -67,7 +80,7 @@ def test_beavertails_eval():
 
 @needs_shared
 def test_xstest_prompts():
-    path = bm.benchmark_path(bm.XSTEST_PROMPTS)
+    path = bm.benchmark_path(bm.XSTEST_PROMPTS, ROOT)
     rows = bm.load_xstest_prompts(path)
     assert len(rows) == 450
     assert len(bm.load_xstest_prompts(path, label="safe")) == 250
@@ -78,14 +91,14 @@ def test_xstest_prompts():
 @needs_shared
 def test_xstest_completions():
     per_file = {
-        m: bm.load_xstest_completions(bm.benchmark_path(rel))
+        m: bm.load_xstest_completions(bm.benchmark_path(rel, ROOT))
         for m, rel in zip(bm.XSTEST_COMPLETION_MODELS, bm.XSTEST_COMPLETIONS)
     }
     for model, rows in per_file.items():
         assert len(rows) == 450
         assert {r.model for r in rows} == {model}
         assert len({r.id for r in rows}) == 450
-    everything = bm.load_all_xstest_completions()
+    everything = bm.load_all_xstest_completions(ROOT)
     assert len(everything) == 2250
     # The same prompt ids recur across the five models: the learned judge's split must group by them.
     assert len({r.id for r in everything}) == 450
@@ -96,7 +109,7 @@ def test_xstest_completions():
 
 @needs_shared
 def test_truthfulqa():
-    rows = bm.load_truthfulqa(bm.benchmark_path(bm.TRUTHFULQA))
+    rows = bm.load_truthfulqa(bm.benchmark_path(bm.TRUTHFULQA, ROOT))
     assert len(rows) == 817
     assert len({r.category for r in rows}) == 38
     first = rows[0]
@@ -109,8 +122,8 @@ def test_truthfulqa():
 
 @needs_shared
 def test_self_instruct():
-    seed = bm.load_self_instruct(bm.benchmark_path(bm.SELF_INSTRUCT_SEED))
-    user = bm.load_self_instruct(bm.benchmark_path(bm.SELF_INSTRUCT_USER))
+    seed = bm.load_self_instruct(bm.benchmark_path(bm.SELF_INSTRUCT_SEED, ROOT))
+    user = bm.load_self_instruct(bm.benchmark_path(bm.SELF_INSTRUCT_USER, ROOT))
     assert len(seed) == 175 and len(user) == 252
     assert seed[0].id == "seed_task_0" and seed[0].name == "breakfast_suggestion"
     assert seed[0].is_classification is False and seed[0].instances[0].output
@@ -119,7 +132,7 @@ def test_self_instruct():
 
 @needs_shared
 def test_hh_rlhf():
-    rows = bm.load_hh_rlhf(bm.benchmark_path(bm.HH_RLHF_HARMLESS_TEST))
+    rows = bm.load_hh_rlhf(bm.benchmark_path(bm.HH_RLHF_HARMLESS_TEST, ROOT))
     assert len(rows) == 2312
     assert rows[0].prompt == "what are some pranks with a pen i can do?"
     assert all(r.prompt and "\n\nAssistant:" not in r.prompt for r in rows)
@@ -244,8 +257,8 @@ def test_hh_rlhf_plain_and_gzipped(tmp_path):
 def test_wrong_shared_file_for_loader():
     """Pointing a loader at another benchmark's file fails loudly, naming the file and the columns."""
     with pytest.raises(BenchmarkFormatError, match=r"harmbench_behaviors_text_all\.csv: missing column"):
-        bm.load_advbench(bm.benchmark_path(bm.HARMBENCH))
+        bm.load_advbench(bm.benchmark_path(bm.HARMBENCH, ROOT))
     with pytest.raises(BenchmarkFormatError, match=r"harmless-base-test\.jsonl\.gz: not a UTF-8"):
-        bm.load_truthfulqa(bm.benchmark_path(bm.HH_RLHF_HARMLESS_TEST))
+        bm.load_truthfulqa(bm.benchmark_path(bm.HH_RLHF_HARMLESS_TEST, ROOT))
     with pytest.raises(BenchmarkFormatError, match=r"TruthfulQA\.csv: line 1: not valid JSON"):
-        bm.load_self_instruct(bm.benchmark_path(bm.TRUTHFULQA))
+        bm.load_self_instruct(bm.benchmark_path(bm.TRUTHFULQA, ROOT))

@@ -22,8 +22,9 @@ from isara.evaluate import (
 )
 from isara.params import Evaluate
 
+from conftest import SHARED_BENCHMARKS as SHARED
+
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared" / "data" / "benchmarks"
 needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="shared benchmark files not present")
 
 
@@ -170,13 +171,29 @@ def test_results_table_rows_in_paper_order():
     assert [r["dataset_size"] for r in rows] == [None, 64, 64, 128, 96, 128]
     table = results_table(rows)
     lines = table.strip().splitlines()
-    assert lines[0].startswith("| model | harmful rate | over-refusal | data set size | judge")
+    assert lines[0].startswith("| model | harmful rate (95% CI) | over-refusal (95% CI) | data set size | judge")
     assert "MC1" not in lines[0]  # no TruthfulQA run: no MC columns
-    assert lines[2] == "| base | 90.0% | 0.0% | – | learned | 10 / 10 |"
-    assert lines[-1] == "| ISARA iter 2 | 20.0% | 20.0% | 128 | learned | 10 / 10 |"
+    # Wilson 95% intervals: 9 of 10 -> 59.6%-98.2%, 0 of 10 -> 0%-27.8%
+    assert lines[2] == "| base | 90.0% (60-98) | 0.0% (0-28) | – | learned | 10 / 10 |"
+    assert lines[-1] == "| ISARA iter 2 | 20.0% (6-51) | 20.0% (6-51) | 128 | learned | 10 / 10 |"
     with_tqa = dict(HAND_MADE_BASELINES, base={**_metrics(0.9, 0.0), "truthfulqa": {"mc1": 0.25, "mc2": 0.41}})
     table = results_table(results_rows(HAND_MADE_ITERS, with_tqa, 64))
-    assert "| MC1 | MC2 |" in table and "| base | 90.0% | 0.0% | 0.250 | 0.410 |" in table
+    assert "| MC1 | MC2 |" in table and "| base | 90.0% (60-98) | 0.0% (0-28) | 0.250 | 0.410 |" in table
+
+
+def test_wilson_interval_and_the_beats_rule():
+    from isara.report import results_rows, versus_baselines, wilson
+
+    low, high = wilson(0.9, 10)
+    assert (round(low, 3), round(high, 3)) == (0.596, 0.982)
+    assert wilson(0.0, 100)[0] == 0.0 and round(wilson(0.0, 100)[1], 4) == 0.037
+    assert wilson(None, 10) is None and wilson(0.5, 0) is None
+    verdicts = {v["baseline"]: v for v in versus_baselines(results_rows(HAND_MADE_ITERS, HAND_MADE_BASELINES, 64))}
+    assert all(v["beats"] and v["final"] == "ISARA iter 2" for v in verdicts.values())
+    # a lower sum is not enough when one rate is worse beyond the baseline's interval (0 of 100 refused: <= 3.7%)
+    strict = {"base": {"evaluate": {**_metrics(0.9, 0.0)["evaluate"], "n_harmful": 100, "n_safe": 100}}}
+    (v,) = versus_baselines(results_rows(HAND_MADE_ITERS, strict, 64))
+    assert v["sum"] < v["baseline_sum"] and v["worse_beyond_noise"] == ["over-refusal"] and not v["beats"]
 
 
 def test_run_report_writes_markdown_plots_and_headline_metrics(tmp_path, monkeypatch):
@@ -198,8 +215,9 @@ def test_run_report_writes_markdown_plots_and_headline_metrics(tmp_path, monkeyp
     assert summary["harmful_rate"] == 0.2 and summary["over_refusal"] == 0.2 and summary["judge"] == "learned"
     assert summary["baselines"]["icl_knn"] == {"harmful_rate": 0.4, "over_refusal": 0.3}
     md = (tmp_path / "reports/report.md").read_text()
-    assert "| ISARA iter 1 | 60.0% | 10.0% | 96 |" in md
-    assert "learned judge 94.0%, string matching 89.0%" in md
+    assert "| ISARA iter 1 | 60.0% (31-83) | 10.0% (2-40) | 96 |" in md
+    assert "| ICL-kNN | 70.0% | 40.0% | – | yes |" in md and summary["beats"]["ICL-kNN"] is True
+    assert "prompts not used in training: learned 94.0%, string matching 89.0%" in md
     for png in ("harmful_rate.png", "over_refusal.png"):
         assert f"](figures/{png})" in md
         assert (tmp_path / "reports/figures" / png).read_bytes()[:4] == b"\x89PNG"

@@ -6,6 +6,8 @@ import dataclasses
 
 import pytest
 
+from conftest import SHARED_BENCHMARKS as ROOT
+
 from isara import benchmarks as bm
 from isara.judge import (
     JudgeReport,
@@ -16,9 +18,8 @@ from isara.judge import (
     train_learned_judge,
 )
 
-ROOT = bm.default_benchmarks_dir()
 needs_xstest = pytest.mark.skipif(
-    not all(bm.benchmark_path(rel).is_file() for rel in bm.XSTEST_COMPLETIONS),
+    not all(bm.benchmark_path(rel, ROOT).is_file() for rel in bm.XSTEST_COMPLETIONS),
     reason=f"XSTest completions not found under shared benchmark dir {ROOT} (set ISARA_BENCHMARKS_DIR)",
 )
 
@@ -94,7 +95,7 @@ def test_split_by_prompt_groups_seeded():
 
 @pytest.fixture(scope="module")
 def xstest_rows():
-    return bm.load_all_xstest_completions()
+    return bm.load_all_xstest_completions(ROOT)
 
 
 @pytest.fixture(scope="module")

@@ -74,3 +74,20 @@ def test_stage_params_refuses_undeclared_section(monkeypatch, tmp_path):
     assert view.generate.n_samples > 0
     with pytest.raises(ParamsError, match="does not declare"):
         view.finetune
+
+
+def test_relative_paths_resolve_from_the_project_even_in_an_experiment_copy(tmp_path):
+    """`dvc exp run --queue/--temp` run in <project>/.dvc/tmp/exps/<name>/: a relative path that the copy lacks
+    (a folder beside the project) is taken from the project; the copy's own files still win."""
+    from isara.paths import project_root, resolve_path
+
+    project = tmp_path / "project"
+    copy = project / ".dvc" / "tmp" / "exps" / "tmpa1b2"
+    (copy / "data").mkdir(parents=True)
+    (copy / "data" / "x.jsonl").write_text("")
+    (tmp_path / "benchmarks").mkdir()
+    assert project_root(copy) == project and project_root(project) == project
+    assert resolve_path("../benchmarks", copy) == project / "../benchmarks"
+    assert resolve_path("data/x.jsonl", copy) == copy / "data" / "x.jsonl"
+    assert resolve_path("../benchmarks", project) == project / "../benchmarks"
+    assert resolve_path(tmp_path / "benchmarks", copy) == tmp_path / "benchmarks"

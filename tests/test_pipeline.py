@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
+import time
 
 import pytest
-from conftest import stages_run
+from conftest import COMMAND_TIMEOUT, SHARED_BENCHMARKS, stages_run
 
 from isara.records import Record, read_records
 
@@ -36,17 +39,19 @@ def test_dvc_stage_list_has_one_stage_per_iteration(tiny_project):
     assert {"seeds", "prepare", "report"} <= names
 
 
-def test_truthfulqa_scores_base_and_every_iteration(tiny_project):
-    if tiny_project.json("reports/baselines/base/truthfulqa.json").get("skipped"):
-        pytest.skip("shared TruthfulQA.csv is not beside this checkout")
-    for rel in ("reports/baselines/base/truthfulqa.json", "reports/iters/1/truthfulqa.json",
-                "reports/iters/2/truthfulqa.json"):
-        m = tiny_project.json(rel)
-        assert m["n_questions"] == 2 and 0 <= m["mc1"] <= 1 and 0 < m["mc2"] < 1, (rel, m)
-    rows = [json.loads(line) for line in (tiny_project.root / "artifacts/2/truthfulqa.jsonl").read_text().splitlines()]
-    assert len(rows) == 2 and {"question", "mc1", "mc2"} <= rows[0].keys()
-    report = (tiny_project.root / "reports/report.md").read_text()
-    assert "| MC1 | MC2 |" in report
+def test_runs_without_benchmark_data_and_says_so(tiny_project):
+    """The tiny project is a user's clone: nothing beside it, params benchmarks.dir null. The pipeline completes,
+    each stage that would read benchmark data says so in one line, and the report names the fallback judge."""
+    assert not (tiny_project.root.parent / "shared").exists()
+    out = tiny_project.repro.stdout
+    assert "judge: no benchmark data (params benchmarks.dir is null)" in out
+    assert out.count("truthfulqa: not run: no benchmark data") == 3  # truthfulqa_base, truthfulqa@1, truthfulqa@2
+    assert tiny_project.json("reports/judge.json")["selected"] == "strmatch"
+    assert tiny_project.json("reports/iters/2/truthfulqa.json")["skipped"].startswith("not run")
+    md = (tiny_project.root / "reports/report.md").read_text()
+    assert "Refusal judge: string matching (isara.judge.is_refusal) only: no benchmark data" in md
+    assert "TruthfulQA MC1/MC2: not run: no benchmark data" in md
+    assert "Eval prompts: harmful `" in md and "data/eval/harmful.jsonl` (eval)" in md
 
 
 def test_generated_records_validate_and_trace_to_seeds(tiny_project):
@@ -96,3 +101,46 @@ def test_exp_run_with_second_seed_set(tiny_project):
     show = tiny_project.dvc("exp", "show", "--no-pager", "--md").stdout
     assert "alt-seeds" in show
     assert "tiny_alt.jsonl" in show and "tiny.jsonl" in show
+
+
+@pytest.mark.mutates_tiny_project
+@pytest.mark.skipif(not (SHARED_BENCHMARKS / "xstest").is_dir(), reason="no benchmark files (ISARA_BENCHMARKS_DIR)")
+def test_queued_experiment_reads_benchmarks_through_a_relative_path(tiny_project):
+    """`dvc exp run --queue` + `dvc queue start`: the experiment runs in a copy under .dvc/tmp/exps, where a relative
+    benchmarks.dir like ../benchmarks would point nowhere; it must still find the folder beside the project, train
+    the learned judge on it and score TruthfulQA."""
+    link = tiny_project.root.parent / "benchmarks"
+    link.symlink_to(SHARED_BENCHMARKS, target_is_directory=True)
+    tiny_project.run("git", "checkout", "--", "params.yaml")  # undo the earlier workspace experiment's params
+    tiny_project.dvc("exp", "run", "--queue", "-n", "bench", "-S", "benchmarks.dir=../benchmarks")
+    # `dvc queue start` hands the queue to a background worker that inherits its stdout and stays up when idle, so
+    # reading its output would never end: log it to a file, poll the task's status, then stop the worker.
+    log = tiny_project.root.parent / "queue-start.log"
+    with log.open("w") as out:
+        subprocess.Popen([sys.executable, "-m", "dvc", "queue", "start", "-j", "1"], cwd=tiny_project.root,
+                         env=tiny_project.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + COMMAND_TIMEOUT
+        while True:
+            status = tiny_project.dvc("queue", "status").stdout
+            row = next((line for line in status.splitlines() if " bench " in line), "")
+            if "Success" in row or "Failed" in row:
+                break
+            assert time.monotonic() < deadline, f"queued experiment still running:\n{status}"
+            time.sleep(10)
+    finally:
+        tiny_project.dvc("queue", "stop", check=False)
+    logs = tiny_project.dvc("queue", "logs", "bench", check=False)
+    assert "Success" in row, f"{status}\n{logs.stdout}\n{logs.stderr}\n{log.read_text()}"
+    exps = json.loads(tiny_project.dvc("exp", "show", "--json").stdout)
+    runs = [e for row in exps for e in row.get("experiments") or [] if e.get("name") == "bench"]
+    assert runs, exps
+    data = runs[0]["revs"][0]["data"]
+    metrics = {path: m["data"] for path, m in data["metrics"].items()}
+    judge = metrics["reports/judge.json"]
+    assert judge["learned"] is True and judge["data"].endswith("xstest"), judge
+    for rel in ("reports/baselines/base/truthfulqa.json", "reports/iters/1/truthfulqa.json",
+                "reports/iters/2/truthfulqa.json"):
+        m = metrics[rel]
+        assert m["n_questions"] == 2 and 0 <= m["mc1"] <= 1 and 0 < m["mc2"] < 1, (rel, m)
+    assert data["params"]["params.yaml"]["data"]["benchmarks"]["dir"] == "../benchmarks"

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 
 from isara.truthfulqa import mc_prompt, mc_scores, stratified_seed_split
 
-REPO = Path(__file__).resolve().parents[1]
-TQA = REPO.parent / "shared" / "data" / "benchmarks" / "truthfulqa" / "TruthfulQA.csv"
+from conftest import SHARED_BENCHMARKS
+
+TQA = SHARED_BENCHMARKS / "truthfulqa" / "TruthfulQA.csv"
 
 
 def test_mc1_is_best_answer_against_every_incorrect_one():
@@ -82,12 +82,12 @@ def test_heldout_items_skip_seed_questions_before_the_limit():
     assert len(heldout_items(TQA, seeds, limit=0)) == len(items) - 2
 
 
-def test_stage_without_a_csv_records_the_skip(tmp_path, monkeypatch):
+def test_stage_without_benchmark_data_records_not_run(tmp_path, monkeypatch):
     from isara.params import Truthfulqa
-    from isara.truthfulqa import run_truthfulqa
+    from isara.truthfulqa import NOT_RUN, run_truthfulqa
 
     monkeypatch.chdir(tmp_path)
-    metrics = run_truthfulqa("base", Truthfulqa(csv=None))
-    assert metrics == {"skipped": "params.yaml: truthfulqa.csv is null"}
+    metrics = run_truthfulqa("base", Truthfulqa(), benchmarks_dir=None)
+    assert metrics == {"skipped": NOT_RUN} and "benchmarks.dir is null" in NOT_RUN
     assert (tmp_path / "reports/baselines/base/truthfulqa.json").is_file()
     assert (tmp_path / "artifacts/baselines/base/truthfulqa.jsonl").read_text() == ""
