@@ -168,7 +168,8 @@ def test_datacard_stage_in_the_tiny_pipeline(tiny_project):
             assert 0.0 <= card[key] <= 1.0, (key, card[key])
         assert all(isinstance(v, (int, float)) or v is None for v in card.values())  # flat, for dvc metrics
         md = (tiny_project.root / f"reports/datacards/{t}.md").read_text()
-        assert md.startswith(f"# Data card: iteration {t}")
+        assert md.startswith("---\n")  # the Hub dataset card's YAML front matter, then the data card as its body
+        assert md.split("\n---\n", 1)[1].lstrip().startswith(f"# Data card: iteration {t}")
         assert "## Seed influence" in md
     shown = tiny_project.dvc("metrics", "show", "--json").stdout
     assert "reports/iters/1/datacard.json" in shown and "seed_influence.gini" in shown
