@@ -5,7 +5,7 @@ YAML front matter) and package (model card, Ollama Modelfile, license files). Pu
 
 The prompt format is the one thing a served model must get right: M(t) was fine-tuned on, and measured in, the bare
 layout `Question: <q>\\nAnswer:` + ` <answer><eos>` (isara.prompts.sft_prompt, isara.finetune.encode), with
-evaluation stopping at `\\nQuestion:` (isara.evaluate.EVAL_STOP). The base model's chat template (SmolLM2's ChatML)
+evaluation stopping at `\\nQuestion:` (isara.prompts.EVAL_STOP). The base model's chat template (SmolLM2's ChatML)
 would serve it in a format it never saw: DESIGN.md §7 measured 76% harmful compliance that way against the
 bare layout's numbers. So every exported model carries templates that render exactly the bare layout:
 
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from isara.prompts import ANSWER_PREFIX, QUESTION_PREFIX, sft_prompt
+from isara.prompts import ANSWER_PREFIX, EVAL_STOP, QUESTION_PREFIX, sft_prompt
 from isara.records import file_sha256  # noqa: F401 (re-exported for export, datacard, package)
 
 PROJECT_URL = "https://arxiv.org/abs/2401.06785"  # ISARA, Guo et al. 2024 (the method; no official code exists)
@@ -121,7 +121,7 @@ def finetune_slug(seeds_path: Path, target: str) -> str:
 
 # ------------------------------------------------------------------------------------------------ prompt format
 
-ANSWER_STOP = "\n" + QUESTION_PREFIX  # = isara.evaluate.EVAL_STOP[0]; package checks the two agree
+ANSWER_STOP = EVAL_STOP[0]  # the served model stops where evaluation stopped
 
 
 def chat_template_jinja(add_bos: bool) -> str:

@@ -33,7 +33,7 @@ from isara.console import echo_metrics, guard, stage_params
 from isara.judge import JUDGE_FILE, LEARNED_FILE  # the judge stage's files (generate reads them too)
 from isara.params import Evaluate, Judge
 from isara.paths import JUDGE, JUDGE_METRICS, iter_paths
-from isara.prompts import QUESTION_PREFIX, sft_prompt
+from isara.prompts import EVAL_STOP, sft_prompt
 from isara.records import Sampling, file_sha256, write_json, write_jsonl
 
 HARMFUL, SAFE = "harmful", "safe"
@@ -203,9 +203,6 @@ def run_judge(cfg: Judge, benchmarks_dir: Path | None, out_dir: Path = JUDGE,
 
 # ----------------------------------------------------------------------------------------------- answering
 
-# Stop only where a new example block starts. Not at "\n\n" as generate does: a base model often opens its
-# answer with a blank line, which would cut the response to nothing; `first_paragraph` trims afterwards.
-EVAL_STOP = [f"\n{QUESTION_PREFIX}"]
 
 
 def first_paragraph(text: str) -> str:

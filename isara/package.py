@@ -357,10 +357,6 @@ def write_package(info: dict[str, Any], out_dir: Path) -> list[Path]:
 
 def run_package(target: str, params) -> dict[str, Any]:
     """package@t (or package_baseline@NAME): the release folder of the fine-tuned model `target`."""
-    from isara.evaluate import EVAL_STOP
-
-    if EVAL_STOP != [ANSWER_STOP]:  # the Modelfile and chat template promise evaluation's stop string
-        raise AssertionError(f"isara.cards.ANSWER_STOP {ANSWER_STOP!r} differs from evaluate's {EVAL_STOP!r}")
     info = gather(target, params)
     out_dir = info["paths"].package
     files = write_package(info, out_dir)

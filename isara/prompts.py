@@ -38,3 +38,7 @@ def sft_prompt(question: str) -> str:
 # Stop strings: the next example block starts with a blank line or a new "Question:".
 QUESTION_STOP = ["\n", ANSWER_PREFIX]
 ANSWER_STOP = ["\n\n", f"\n{QUESTION_PREFIX}"]
+# Evaluation (and every served export: its chat template and Ollama Modelfile) stops only where a new example block
+# starts. Not at "\n\n" as generate does: a base model often opens its answer with a blank line, which would cut
+# the response to nothing; evaluate's `first_paragraph` trims afterwards.
+EVAL_STOP = [f"\n{QUESTION_PREFIX}"]
