@@ -3,7 +3,10 @@
 Shared by export (the GGUF's metadata and chat template), the baselines' exports, datacard (the dataset card's
 YAML front matter) and package (model card, Ollama Modelfile, license files). Pure functions, no click.
 
-The prompt format is the one thing a served model must get right: M(t) was fine-tuned on, and measured in, the bare
+The prompt format is the one thing a served model must get right. With params base.format chat (the default for a
+base that has a chat template) M(t) is fine-tuned and measured in the base's own chat template, which the export
+keeps as its tokenizer.chat_template: every server then renders the prompt evaluation used. With bare, M(t) was
+fine-tuned on, and measured in, the bare
 layout `Question: <q>\\nAnswer:` + ` <answer><eos>` (isara.prompts.sft_prompt, isara.finetune.encode), with
 evaluation stopping at `\\nQuestion:` (isara.prompts.EVAL_STOP). The base model's chat template (SmolLM2's ChatML)
 would serve it in a format it never saw: DESIGN.md §7 measured 76% harmful compliance that way against the
@@ -26,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from isara.prompts import ANSWER_PREFIX, EVAL_STOP, QUESTION_PREFIX, sft_prompt
+from isara.prompts import ANSWER_PREFIX, BASE_CHAT_TEMPLATE_KEY, BARE, CHAT, EVAL_STOP, QUESTION_PREFIX, sft_prompt
 from isara.records import file_sha256  # noqa: F401 (re-exported for export, datacard, package)
 
 PROJECT_URL = "https://arxiv.org/abs/2401.06785"  # ISARA, Guo et al. 2024 (the method; no official code exists)
@@ -154,6 +157,8 @@ def ollama_template() -> str:
 
 
 PROMPT_FORMAT = sft_prompt("{question}")  # "Question: {question}\nAnswer:"
+# isara.prompt_format of an export: the bare layout spelled out, or "chat" (its own tokenizer.chat_template)
+PROMPT_FORMAT_KV = {BARE: PROMPT_FORMAT, CHAT: CHAT}
 
 
 # ------------------------------------------------------------------------------------------------ GGUF metadata
@@ -162,7 +167,6 @@ PROMPT_FORMAT = sft_prompt("{question}")  # "Question: {question}\nAnswer:"
 # model (its name, URLs, its own base models and data sets) and is replaced.
 KEPT_GENERAL = ("general.architecture", "general.alignment", "general.quantization_version", "general.file_type",
                 "general.size_label", "general.languages")
-BASE_CHAT_TEMPLATE_KEY = "isara.base_chat_template"
 
 
 def gguf_kv(path: Path) -> dict[str, Any]:
@@ -174,11 +178,12 @@ def gguf_kv(path: Path) -> dict[str, Any]:
 
 
 def model_metadata(base_kv: Mapping[str, Any], *, facts: BaseFacts, target: str, seeds_path: Path,
-                   seeds_sha256: str) -> dict[str, Any]:
+                   seeds_sha256: str, fmt: str = BARE) -> dict[str, Any]:
     """The key/values an exported model sets over its base GGUF's (None: delete the base's key).
 
     `target`: the iteration ("2") or the baseline name ("sft_seed"). `base_kv`: the base GGUF's key/values
-    (export's template), whose descriptive general.* keys and chat templates are replaced.
+    (export's template), whose descriptive general.* keys are replaced. `fmt`: the PromptFormat name the model was
+    trained in: chat keeps the base's chat template, bare replaces it with the bare layout's.
     """
     import gguf
 
@@ -194,7 +199,8 @@ def model_metadata(base_kv: Mapping[str, Any], *, facts: BaseFacts, target: str,
         G.FINETUNE: finetune_slug(seeds_path, target),
         G.DESCRIPTION: (f"{facts.title} self-aligned with ISARA (retrieval-augmented in-context generation + SFT) "
                         f"from the seed set {seed_set_name(seeds_path)}: {model_label(target)}. "
-                        f"Prompt format: {PROMPT_FORMAT!r}, stop at {ANSWER_STOP!r}."),
+                        + (f"Prompt format: {PROMPT_FORMAT!r}, stop at {ANSWER_STOP!r}." if fmt == BARE else
+                           "Prompt format: its chat template (tokenizer.chat_template).")),
         G.LICENSE: facts.license,
         G.BASE_MODEL_COUNT: 1,
         G.BASE_MODEL_NAME.format(id=0): facts.title,
@@ -204,10 +210,11 @@ def model_metadata(base_kv: Mapping[str, Any], *, facts: BaseFacts, target: str,
         "isara.seed_set": seed_set_name(seeds_path),
         "isara.seed_set_sha256": seeds_sha256,
         "isara.base_model": facts.title,
-        "isara.prompt_format": PROMPT_FORMAT,
-        "isara.stop": [ANSWER_STOP],
-        gguf.Keys.Tokenizer.CHAT_TEMPLATE: chat_template_jinja(bool(base_kv.get(gguf.Keys.Tokenizer.ADD_BOS))),
+        "isara.prompt_format": PROMPT_FORMAT_KV[fmt],
     })
+    if fmt == BARE:
+        out["isara.stop"] = [ANSWER_STOP]
+        out[gguf.Keys.Tokenizer.CHAT_TEMPLATE] = chat_template_jinja(bool(base_kv.get(gguf.Keys.Tokenizer.ADD_BOS)))
     if target.isdigit():
         out["isara.iteration"] = int(target)
     if facts.license_name:
@@ -218,7 +225,7 @@ def model_metadata(base_kv: Mapping[str, Any], *, facts: BaseFacts, target: str,
         out[G.BASE_MODEL_ORGANIZATION.format(id=0)] = facts.organization
     if facts.hf_repo:
         out[G.BASE_MODEL_REPO_URL.format(id=0)] = f"https://huggingface.co/{facts.hf_repo}"
-    if base_kv.get(gguf.Keys.Tokenizer.CHAT_TEMPLATE):
+    if base_kv.get(gguf.Keys.Tokenizer.CHAT_TEMPLATE) and fmt == BARE:
         out[BASE_CHAT_TEMPLATE_KEY] = str(base_kv[gguf.Keys.Tokenizer.CHAT_TEMPLATE])
     return out
 

@@ -3,9 +3,11 @@
     isara evaluate 2            # = dvc repro evaluate@2: artifacts/2/model.gguf on params `evaluate`
     isara judge                 # = dvc repro judge: the learned refusal judge, trained on XSTest's labels
 
-Every eval prompt is answered greedily (temperature 0, `evaluate.max_tokens`) in the bare fine-tuning layout
-`Question: <prompt>\\nAnswer:` (isara.prompts.sft_prompt), with no examples in context: ISARA's claim is that the
-fine-tuned model refuses on its own. Each response is judged by string matching (isara.judge.is_refusal) and,
+Every eval prompt is answered greedily (temperature 0, `evaluate.max_tokens`) with no examples in context (ISARA's
+claim is that the fine-tuned model refuses on its own), in the prompt format the model is served in (params
+base.format: the base's chat template, or the bare layout `Question: <prompt>\\nAnswer:`; isara.prompts.PromptFormat)
+and, when the base has a chat template, in the other format too: the headline numbers are the served format's,
+`by_format` holds both. Each response is judged by string matching (isara.judge.is_refusal) and,
 when the judge stage trained one, by the learned judge; the headline numbers use `evaluate.judge` ("auto": the
 judge with the better held-out agreement with XSTest's human labels). Metrics:
 
@@ -33,7 +35,7 @@ from isara.console import echo_metrics, guard, stage_params
 from isara.judge import JUDGE_FILE, LEARNED_FILE  # the judge stage's files (generate reads them too)
 from isara.params import Evaluate, Judge
 from isara.paths import JUDGE, JUDGE_METRICS, iter_paths
-from isara.prompts import EVAL_STOP, sft_prompt
+from isara.prompts import BARE, CHAT, PromptFormat
 from isara.records import Sampling, file_sha256, write_json, write_jsonl
 
 HARMFUL, SAFE = "harmful", "safe"
@@ -210,7 +212,8 @@ def first_paragraph(text: str) -> str:
     return text.strip().split("\n\n", 1)[0].strip()
 
 
-def answer_all(engine, prompts: Sequence[str], max_tokens: int, progress: bool = True) -> list[tuple[str, str, int]]:
+def answer_all(engine, prompts: Sequence[str], max_tokens: int, stop: list[str], progress: bool = True,
+               desc: str = "evaluate") -> list[tuple[str, str, int]]:
     """Greedy completions (text, finish_reason, completion tokens) of already-rendered prompts (`engine`:
     isara.generate.load_engine's), a few batches' worth at a time so the progress bar moves."""
     from tqdm import tqdm
@@ -218,11 +221,25 @@ def answer_all(engine, prompts: Sequence[str], max_tokens: int, progress: bool =
     greedy = Sampling(temperature=0.0, top_p=1.0, max_tokens=max_tokens, seed=0)
     step = 2 * getattr(engine, "n_seq_max", 1)
     outs = []
-    with tqdm(total=len(prompts), desc="evaluate", unit="prompt", disable=not progress) as bar:
+    with tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not progress) as bar:
         for i in range(0, len(prompts), step):
-            outs += engine.complete_many([(p, greedy, EVAL_STOP) for p in prompts[i : i + step]])
+            outs += engine.complete_many([(p, greedy, stop) for p in prompts[i : i + step]])
             bar.update(len(prompts[i : i + step]))
     return outs
+
+
+def eval_formats(model_path: Path, choice: str) -> list[PromptFormat]:
+    """The format the model is served in (params base.format, resolved against its GGUF) first, then the other one
+    when the base model has a chat template at all."""
+    from isara.cards import gguf_kv
+    from isara.prompts import prompt_format
+
+    kv = gguf_kv(model_path)
+    served = prompt_format(choice, kv)
+    if served.name == CHAT:
+        return [served, PromptFormat(BARE)]
+    chat = prompt_format("auto", kv)
+    return [served, chat] if chat.name == CHAT else [served]
 
 
 def rate(flags: Sequence[bool]) -> float | None:
@@ -256,28 +273,36 @@ def safety_metrics(rows: Sequence[dict], headline: str) -> dict:
 
 
 def evaluate_model(model_path: Path, items: Sequence[EvalItem], cfg: Evaluate, judges: Judges,
-                   render: Callable[[str], str] = sft_prompt, progress: bool = True) -> tuple[list[dict], dict]:
-    """Answer every item with the model at `model_path`, judge, and return (rows, metrics).
+                   formats: Sequence[PromptFormat] = (PromptFormat(BARE),),
+                   examples: Callable[[str], list] | None = None, progress: bool = True) -> tuple[list[dict], dict]:
+    """Answer every item with the model at `model_path` in each of `formats`, judge, and return (rows, metrics).
 
-    `render` turns an eval prompt into the model's input; the default is the bare fine-tuning layout,
-    the ICL-kNN baseline passes one that puts retrieved seed examples first.
+    The headline metrics are those of formats[0] (the served format); `by_format` has every format's. `examples`
+    gives the QA pairs to put before a prompt, in order (the ICL-kNN baseline); none by default.
     """
     from isara.generate import load_engine
 
     start = time.perf_counter()
     engine = load_engine(model_path, cfg.engine, cfg.batch_size, cfg.n_ctx, cfg.n_threads, 0, cfg.n_gpu_layers)
-    rendered = [render(it.prompt) for it in items]
-    outs = answer_all(engine, rendered, cfg.max_tokens, progress)
-    del engine
-    responses = [first_paragraph(text) for text, _, _ in outs]
-    verdicts = judges.verdicts([it.prompt for it in items], responses)
-    rows = []
-    for i, (it, (text, finish, n_tok)) in enumerate(zip(items, outs)):
-        rows.append({**asdict(it), "input": rendered[i], "response": responses[i], "raw_response": text,
-                     "finish_reason": finish, "completion_tokens": n_tok,
+    shots = {it.prompt: examples(it.prompt) for it in items} if examples is not None else {}
+    rows: list[dict] = []
+    by_format: dict[str, dict] = {}
+    for fmt in formats:
+        rendered = [fmt.prompt(it.prompt, shots.get(it.prompt, ())) for it in items]
+        outs = answer_all(engine, rendered, cfg.max_tokens, fmt.stop, progress, desc=f"evaluate ({fmt.name})")
+        responses = [first_paragraph(text) for text, _, _ in outs]
+        verdicts = judges.verdicts([it.prompt for it in items], responses)
+        fmt_rows = [{**asdict(it), "format": fmt.name, "input": rendered[i], "response": responses[i],
+                     "raw_response": text, "finish_reason": finish, "completion_tokens": n_tok,
                      # an empty response (immediate end of text) answers nothing: it counts as a refusal
-                     "refusal": {j: bool(v[i]) or not responses[i] for j, v in verdicts.items()}})
-    metrics = safety_metrics(rows, judges.headline)
+                     "refusal": {j: bool(v[i]) or not responses[i] for j, v in verdicts.items()}}
+                    for i, (it, (text, finish, n_tok)) in enumerate(zip(items, outs))]
+        by_format[fmt.name] = safety_metrics(fmt_rows, judges.headline)
+        rows += fmt_rows
+    del engine
+    metrics = {**by_format[formats[0].name], "format": formats[0].name,
+               "by_format": {name: {k: m[k] for k in ("harmful_rate", "over_refusal", "by_judge", "empty_responses")}
+                             for name, m in by_format.items()}}
     if judges.agreement:
         metrics["judge_agreement"] = judges.agreement
     metrics.update({
@@ -294,17 +319,19 @@ def write_evaluation(responses_path: Path, metrics_path: Path, rows: list[dict],
     write_json(metrics_path, metrics)
 
 
-def run_evaluate(iteration: str, cfg: Evaluate, benchmarks_dir: Path | None = None, progress: bool = True) -> dict:
+def run_evaluate(iteration: str, cfg: Evaluate, benchmarks_dir: Path | None = None, progress: bool = True,
+                 base_format: str = "auto") -> dict:
     here = iter_paths(iteration)
     judges = load_judges(cfg.judge)
-    rows, metrics = evaluate_model(here.gguf, load_eval_items(cfg, benchmarks_dir), cfg, judges, progress=progress)
+    rows, metrics = evaluate_model(here.gguf, load_eval_items(cfg, benchmarks_dir), cfg, judges,
+                                   eval_formats(here.gguf, base_format), progress=progress)
     metrics["prompts"] = eval_sources(cfg, benchmarks_dir)
     write_evaluation(here.responses, here.metrics("evaluate"), rows, metrics)
     return metrics
 
 
 def _flat(metrics: dict) -> dict:
-    return {k: v for k, v in metrics.items() if k in ("judge", "harmful_rate", "over_refusal", "n_harmful", "n_safe",
+    return {k: v for k, v in metrics.items() if k in ("judge", "format", "harmful_rate", "over_refusal", "n_harmful", "n_safe",
                                                       "seconds", "learned_agreement", "strmatch_agreement",
                                                       "selected")}
 
@@ -314,7 +341,8 @@ def _flat(metrics: dict) -> dict:
 def command(iteration: str) -> None:
     """evaluate@ITERATION: harmful rate and over-refusal of artifacts/<t>/model.gguf (params `evaluate`)."""
     p = stage_params()
-    echo_metrics(f"evaluate@{iteration}", _flat(guard(run_evaluate, iteration, p.evaluate, p.benchmarks.dir)))
+    echo_metrics(f"evaluate@{iteration}", _flat(guard(run_evaluate, iteration, p.evaluate, p.benchmarks.dir,
+                                                      base_format=p.base.format)))
 
 
 @click.command("judge")

@@ -36,9 +36,9 @@ Cost: one small per-architecture table (`_TRANSFORMS`); a new base architecture 
 
 The pipeline's exports then set their own identity over the copied key/values (`metadata`, from
 isara.cards.model_metadata): general.name/basename/finetune/description/license/tags, general.base_model.0.* (the base
-model), isara.* (iteration, seed set and its sha256, prompt format, stop strings) and a tokenizer.chat_template that
-renders the bare `Question: ..\nAnswer:` layout M(t) was trained and evaluated in (the base's template is kept as
-isara.base_chat_template). The base's other descriptive general.* keys are dropped: they describe the base model.
+model), isara.* (iteration, seed set and its sha256, prompt format, stop strings) and the tokenizer.chat_template of
+the format M(t) was trained and evaluated in (params base.format): the base's own (chat), or one that renders the bare
+`Question: ..\nAnswer:` layout (bare; the base's template is then kept as isara.base_chat_template). The base's other descriptive general.* keys are dropped: they describe the base model.
 
 Tensor types follow llama.cpp's converter: 1-D tensors (norms, biases) stay F32; 2-D tensors take `outtype`
 (Q8_0 falls back to F16 for rows not divisible by its block size of 32). Output is written atomically: a temp
@@ -308,15 +308,18 @@ def export_gguf(hf_dir: Path, out_path: Path, outtype: str = "q8_0", template: P
 
 def release_metadata(hf_dir: Path, target: str, seeds, base) -> dict[str, Any]:
     """The key/values that make an exported model describe itself (isara.cards.model_metadata): its name, base
-    model, license, seed set (params `seeds`, `base`) and the bare-layout chat template. `target`: the iteration
+    model, license, seed set (params `seeds`, `base`) and the chat template of the format it was trained in
+    (params base.format). `target`: the iteration
     or the baseline name."""
     from isara.cards import base_facts, file_sha256, gguf_kv, model_metadata
 
     base_kv = gguf_kv(Path(hf_dir) / TEMPLATE_FILE)
     if not Path(seeds.path).is_file():
         raise FileNotFoundError(f"seed set {seeds.path} (params seeds.path) not found: export names it in the GGUF")
+    from isara.prompts import prompt_format
+
     return model_metadata(base_kv, facts=base_facts(base, base_kv), target=target, seeds_path=Path(seeds.path),
-                          seeds_sha256=file_sha256(Path(seeds.path)))
+                          seeds_sha256=file_sha256(Path(seeds.path)), fmt=prompt_format(base.format, base_kv).name)
 
 
 def run_export(iteration: str, cfg, seeds=None, base=None) -> dict:

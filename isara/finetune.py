@@ -2,8 +2,9 @@
 
 A plain torch loop (nanoGPT style) rather than transformers.Trainer: the whole loop is on one screen,
 and batches are grouped by length so CPU time is not spent on padding.
-Format: "Question: <q>\nAnswer:" (no loss) + " <answer><eos>" (loss) — the bare layout the generate
-prompts use, so M(t) answers in it without any examples in context.
+Format (params base.format, isara.prompts.PromptFormat): the prompt (no loss), then the answer the model is taught to
+write (loss): bare "Question: <q>\nAnswer:" + " <answer><eos>", or the base's chat template's user turn + the
+assistant turn it closes ("<answer><|im_end|>"), the format the exported GGUF is served and evaluated in.
 """
 
 from __future__ import annotations
@@ -28,18 +29,24 @@ from isara.console import (
 from isara.export import TEMPLATE_FILE
 from isara.params import Finetune, ParamsError
 from isara.paths import iter_paths
-from isara.prompts import sft_prompt
+from isara.prompts import BARE, PromptFormat
 from isara.records import Record, atomic_directory, read_records, write_json
 
 IGNORE = -100  # label id that transformers' causal-LM loss skips
 
 
-def encode(records: list[Record], tokenizer, max_length: int) -> list[tuple[list[int], list[int]]]:
-    """(input_ids, labels) per record; prompt tokens carry IGNORE labels, answer + eos carry themselves."""
+def encode(records: list[Record], tokenizer, max_length: int,
+           fmt: PromptFormat = PromptFormat(BARE)) -> list[tuple[list[int], list[int]]]:
+    """(input_ids, labels) per record; prompt tokens carry IGNORE labels, the answer (+ its end) carries itself.
+
+    The prompt is tokenized alone, as llama.cpp tokenizes it at evaluation (BOS where the model wants one,
+    special-token texts such as <|im_start|> parsed), so training sees exactly the tokens the served model sees."""
     examples = []
     for r in records:
-        prompt = tokenizer(sft_prompt(r.question), add_special_tokens=True)["input_ids"]  # BOS where the model wants one
-        answer = tokenizer(" " + r.answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        prompt = tokenizer(fmt.prompt(r.question), add_special_tokens=True)["input_ids"]
+        answer = tokenizer(fmt.answer_text(r.question, r.answer), add_special_tokens=False)["input_ids"]
+        if fmt.name == BARE:
+            answer.append(tokenizer.eos_token_id)
         ids = (prompt + answer)[:max_length]
         labels = ([IGNORE] * len(prompt) + answer)[:max_length]
         if any(label != IGNORE for label in labels):
@@ -106,8 +113,17 @@ def use_bf16(cfg: Finetune, device: torch.device) -> bool:
     return torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_bf16()
 
 
+def train_format(model_dir: Path, choice: str) -> PromptFormat:
+    """The PromptFormat of params base.format for the checkpoint in `model_dir` (its base GGUF's metadata, which
+    prepare put there as TEMPLATE_FILE and every fine-tune carries on)."""
+    from isara.cards import gguf_kv
+    from isara.prompts import prompt_format
+
+    return prompt_format(choice, gguf_kv(Path(model_dir) / TEMPLATE_FILE))
+
+
 def train(model_dir: Path, records: list[Record], out_dir: Path, cfg: Finetune, log_dir: Path | None = None,
-          progress: bool = True) -> dict:
+          progress: bool = True, fmt: PromptFormat = PromptFormat(BARE)) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(cfg.seed)
@@ -119,7 +135,7 @@ def train(model_dir: Path, records: list[Record], out_dir: Path, cfg: Finetune, 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
     model.train()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    examples = encode(records, tokenizer, cfg.max_length)
+    examples = encode(records, tokenizer, cfg.max_length, fmt)
     if not examples:
         raise ValueError("no training examples: every record was cut to nothing by finetune.max_length")
 
@@ -184,6 +200,7 @@ def train(model_dir: Path, records: list[Record], out_dir: Path, cfg: Finetune, 
         "seconds": round(seconds, 2),
         "device": device.type,
         "precision": "bf16" if bf16 else "fp32",
+        "format": fmt.name,
     }
 
 
@@ -199,10 +216,11 @@ def save_checkpoint(model, tokenizer, out_dir: Path, carry: list[Path] = ()) -> 
             shutil.copyfile(path, tmp / path.name)
 
 
-def run_finetune(iteration: str, prev: str, cfg: Finetune, progress: bool = True) -> dict:
+def run_finetune(iteration: str, prev: str, cfg: Finetune, progress: bool = True, base_format: str = "auto") -> dict:
     here = iter_paths(iteration)
     start_from = iter_paths(prev if cfg.init == "previous" else "0").hf
-    metrics = train(start_from, read_records(here.dataset), here.hf, cfg, here.train_log, progress)
+    metrics = train(start_from, read_records(here.dataset), here.hf, cfg, here.train_log, progress,
+                    train_format(start_from, base_format))
     write_json(here.metrics("finetune"), metrics)
     return metrics
 
@@ -213,4 +231,5 @@ def run_finetune(iteration: str, prev: str, cfg: Finetune, progress: bool = True
 def command(iteration: str, prev: str | None) -> None:
     """finetune@ITERATION: SFT of M(prev) (or M0, finetune.init) on D(t), loss on answer tokens only."""
     p = stage_params()
-    echo_metrics(f"finetune@{iteration}", guard(run_finetune, iteration, resolve_prev(iteration, prev), p.finetune))
+    echo_metrics(f"finetune@{iteration}", guard(run_finetune, iteration, resolve_prev(iteration, prev), p.finetune,
+                                                 base_format=p.base.format))

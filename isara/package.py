@@ -9,8 +9,9 @@ writes, next to the model's GGUF (which it never copies):
                                pipeline_tag, model-index with the measured numbers) and what the model is, how ISARA
                                made it, its training data's lineage, its evaluation, how to run it
     <dir>/package/Modelfile    Ollama: FROM ../model.gguf (Ollama resolves a relative FROM against the Modelfile's
-                               folder), TEMPLATE rendering exactly evaluation's prompt, evaluation's stop string,
-                               greedy decoding, LICENSE with the base model's terms
+                               folder), greedy decoding, LICENSE with the base model's terms; for a bare-format
+                               model a TEMPLATE rendering exactly evaluation's prompt and its stop string (a
+                               chat-format model keeps the base's chat template, which Ollama reads from the GGUF)
     <dir>/package/LICENSE      the base model's license (Apache-2.0 text; for Gemma the notice + GEMMA_TERMS.html)
     <dir>/package/NOTICE       attribution to the base model
 
@@ -32,6 +33,7 @@ import click
 from isara.cards import (
     ANSWER_STOP,
     PROMPT_FORMAT,
+    PROMPT_FORMAT_KV,
     BaseFacts,
     base_facts,
     domain,
@@ -97,9 +99,10 @@ def model_identity(gguf_path: Path) -> dict[str, Any]:
     if "isara.prompt_format" not in kv:
         raise ValueError(f"{gguf_path}: exported without isara metadata (general.name {kv.get('general.name')!r}): "
                          "re-export it with the seeds and base params (dvc repro export)")
-    if kv["isara.prompt_format"] != PROMPT_FORMAT or list(kv.get("isara.stop", [])) != [ANSWER_STOP]:
-        raise ValueError(f"{gguf_path}: prompt format {kv['isara.prompt_format']!r} / stop {kv.get('isara.stop')!r} "
-                         f"differ from this code's {PROMPT_FORMAT!r} / {[ANSWER_STOP]!r}: re-export it")
+    fmt, stop = kv["isara.prompt_format"], list(kv.get("isara.stop", []))
+    if fmt not in PROMPT_FORMAT_KV.values() or (fmt == PROMPT_FORMAT and stop != [ANSWER_STOP]):
+        raise ValueError(f"{gguf_path}: prompt format {fmt!r} / stop {stop!r} differ from this code's "
+                         f"{sorted(PROMPT_FORMAT_KV.values())!r} / {[ANSWER_STOP]!r}: re-export it")
     return kv
 
 
@@ -160,14 +163,22 @@ def modelfile(info: dict[str, Any]) -> str:
     facts: BaseFacts = info["facts"]
     license_body = facts.notice + ("\n\n" + license_text(facts) if facts.license == "apache-2.0" else
                                    "\n\nThe full terms are in LICENSE next to this Modelfile.")
-    return "\n".join([
-        f"# {info['kv']['general.name']}: Ollama Modelfile written by isara's package stage.",
-        "#   ollama create <name> -f Modelfile     (FROM is resolved against this file's folder)",
+    bare = info["kv"]["isara.prompt_format"] == PROMPT_FORMAT
+    prompt_lines = [
         "# The TEMPLATE renders exactly the prompt evaluation used: Question: <prompt>\\nAnswer:",
         "# (system text, if any, as a paragraph before it; earlier turns as Question/Answer blocks).",
         "FROM ../model.gguf",
         f"TEMPLATE {ollama_quote(ollama_template())}",
         f"PARAMETER stop {ollama_quote(ANSWER_STOP)}",
+    ] if bare else [
+        "# Trained and evaluated in the base model's chat template, which the GGUF carries as tokenizer.chat_template:",
+        "# Ollama derives its prompt template from it (no TEMPLATE here), and the end-of-turn token stops an answer.",
+        "FROM ../model.gguf",
+    ]
+    return "\n".join([
+        f"# {info['kv']['general.name']}: Ollama Modelfile written by isara's package stage.",
+        "#   ollama create <name> -f Modelfile     (FROM is resolved against this file's folder)",
+        *prompt_lines,
         "PARAMETER temperature 0",
         "PARAMETER top_p 1",
         "PARAMETER repeat_penalty 1",
@@ -232,6 +243,7 @@ def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
 def model_card(info: dict[str, Any]) -> str:
     facts: BaseFacts = info["facts"]
     kv, target, lin, p = info["kv"], info["target"], info["lineage"], info["params"]
+    bare = kv["isara.prompt_format"] == PROMPT_FORMAT
     ev, tqa, ft = info["evaluate"], info["truthfulqa"], info["finetune"] or {}
     name, seed_set = kv["general.name"], kv["isara.seed_set"]
     base_link = f"[{facts.title}](https://huggingface.co/{facts.hf_repo})" if facts.hf_repo else facts.title
@@ -254,14 +266,17 @@ def model_card(info: dict[str, Any]) -> str:
                   f"parameters, {p['export']['outtype']}, {info['gguf_bytes'] / 1e6:.0f} MB)"],
         ["GGUF sha256", f"`{info['gguf_sha256']}`"],
         ["seed set", f"`{seed_set}` (sha256 `{kv['isara.seed_set_sha256'][:16]}...`)"],
-        ["prompt format", f"`{PROMPT_FORMAT!r}`, answer after one space, stop at `{ANSWER_STOP!r}` or end of text"],
+        ["prompt format", f"`{PROMPT_FORMAT!r}`, answer after one space, stop at `{ANSWER_STOP!r}` or end of text"
+                          if bare else "the base model's chat template (the GGUF's `tokenizer.chat_template`), one "
+                                       "user turn; the answer ends with the end-of-turn token"],
     ])
     gen, fin = p["generate"], p["finetune"]
     out += ["", "## How it was made", "",
             "Each ISARA round retrieves nearest-neighbour QA pairs from the current data set (MiniLM embeddings, "
-            "Annoy), lets the current model write a new question and then its answer in the bare layout above "
-            "(no instruction text), filters the pair (length, repetition, format leakage, near duplicates), adds "
-            "the accepted pairs to the data set and fine-tunes on it (loss on answer tokens only).", "",
+            "Annoy), lets the current model write a new question and then its answer in the bare layout "
+            "`Question: ..\\nAnswer: ..` (no instruction text), filters the pair (length, repetition, format leakage, "
+            "near duplicates, out of domain, stance unlike its examples', stance quota), adds the accepted pairs to "
+            "the data set and fine-tunes on it in the prompt format above (loss on answer tokens only).", "",
             f"- generation: {gen['n_samples']} samples per round (at most {gen['max_attempts']} attempts), "
             f"k = {gen['k_question']} / {gen['k_answer']} examples in the question / answer prompt, temperature "
             f"{gen['temperature']} / {gen['answer_temperature']}, top-p {gen['top_p']}"
@@ -295,25 +310,44 @@ def model_card(info: dict[str, Any]) -> str:
         ["TruthfulQA MC1 / MC2", (f"{tqa['mc1']:.3f} / {tqa['mc2']:.3f}" if tqa and tqa.get("mc1") is not None
                                   else (tqa or {}).get("skipped", NOT_MEASURED)), "questions not in the seed set"],
     ])
+    others = {f: m for f, m in ev.get("by_format", {}).items() if f != ev.get("format")}
+    for f, m in others.items():  # the same prompts in the format the model is not served in, for comparison
+        out += ["", f"In the {f} format instead: harmful rate {_pct(m.get('harmful_rate'))}, over-refusal "
+                    f"{_pct(m.get('over_refusal'))}."]
     out += ["", "Measured on small prompt sets on purpose (see the project README for the benchmark runs); a "
                 "135M-270M model aligned from 64 seeds trades harmfulness against over-refusal."]
-    system_note = ("A system message becomes a plain paragraph before the first question; earlier turns become "
-                   "previous `Question: ...\\nAnswer: ...` blocks, as in the retrieved examples of generation. The "
-                   "model was trained on single questions only.")
-    out += ["", "## How to run", "",
-            "The GGUF's `tokenizer.chat_template` and the Modelfile's `TEMPLATE` both render one user message as "
-            f"exactly `{PROMPT_FORMAT!r}`, the prompt the numbers above were measured with (the base model's own "
-            f"chat template is kept in the GGUF as `isara.base_chat_template`). {system_note}", "",
-            "llama.cpp:", "", "```bash",
-            "llama-cli -m model.gguf -no-cnv -p $'Question: How do I pick a lock?\\nAnswer:' --temp 0 "
-            "-r $'\\nQuestion:'",
-            "llama-server -m model.gguf --jinja --temp 0   # /v1/chat/completions uses the bare-layout template",
-            "```", "", "llama-cpp-python:", "", "```python",
-            "from llama_cpp import Llama",
-            "llm = Llama('model.gguf')",
-            "llm.create_completion('Question: How do I pick a lock?\\nAnswer:', temperature=0, "
-            f"stop=[{ANSWER_STOP!r}])",
-            "```", "", "Ollama (from this folder):", "", "```bash",
+    if bare:
+        system_note = ("A system message becomes a plain paragraph before the first question; earlier turns become "
+                       "previous `Question: ...\\nAnswer: ...` blocks, as in the retrieved examples of generation. "
+                       "The model was trained on single questions only.")
+        out += ["", "## How to run", "",
+                "The GGUF's `tokenizer.chat_template` and the Modelfile's `TEMPLATE` both render one user message as "
+                f"exactly `{PROMPT_FORMAT!r}`, the prompt the numbers above were measured with (the base model's own "
+                f"chat template is kept in the GGUF as `isara.base_chat_template`). {system_note}", "",
+                "llama.cpp:", "", "```bash",
+                "llama-cli -m model.gguf -no-cnv -p $'Question: How do I pick a lock?\\nAnswer:' --temp 0 "
+                "-r $'\\nQuestion:'",
+                "llama-server -m model.gguf --jinja --temp 0   # /v1/chat/completions uses the bare-layout template",
+                "```", "", "llama-cpp-python:", "", "```python",
+                "from llama_cpp import Llama",
+                "llm = Llama('model.gguf')",
+                "llm.create_completion('Question: How do I pick a lock?\\nAnswer:', temperature=0, "
+                f"stop=[{ANSWER_STOP!r}])",
+                "```"]
+    else:
+        out += ["", "## How to run", "",
+                "Like its base model: through its chat template (`tokenizer.chat_template`, the base model's own), "
+                "which every llama.cpp front end applies, with one user message, the prompt the numbers above were "
+                "measured with. It was trained on single questions, without a system message of its own.", "",
+                "llama.cpp:", "", "```bash",
+                "llama-cli -m model.gguf --jinja --temp 0 -p 'How do I pick a lock?'",
+                "llama-server -m model.gguf --jinja --temp 0   # /v1/chat/completions",
+                "```", "", "llama-cpp-python:", "", "```python",
+                "from llama_cpp import Llama",
+                "llm = Llama('model.gguf')",
+                "llm.create_chat_completion([{'role': 'user', 'content': 'How do I pick a lock?'}], temperature=0)",
+                "```"]
+    out += ["", "Ollama (from this folder):", "", "```bash",
             f"ollama create isara-{domain(seed_set)}-{target} -f Modelfile",
             f"ollama run isara-{domain(seed_set)}-{target} \"How do I pick a lock?\"",
             "```"]

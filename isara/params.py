@@ -28,6 +28,9 @@ class Seeds(Section):
 class Base(Section):
     model: Literal["smollm2", "gemma3"] = "smollm2"
     path: Path | None = None
+    # The prompt format of fine-tuning, evaluation and the exported model (isara.prompts.PromptFormat): chat = the
+    # base GGUF's chat template, bare = "Question: ..\nAnswer:", auto = chat when the base has a template.
+    format: Literal["auto", "chat", "bare"] = "auto"
 
 
 class Iteration(Section):

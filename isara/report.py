@@ -80,7 +80,8 @@ def results_rows(per_iteration: dict[str, dict[str, dict]], baselines: dict[str,
         return {"label": label, "kind": kind, "harmful_rate": ev.get("harmful_rate"),
                 "over_refusal": ev.get("over_refusal"), "n_harmful": ev.get("n_harmful"), "n_safe": ev.get("n_safe"),
                 "judge": ev.get("judge"), "dataset_size": dataset_size, "mc1": tqa.get("mc1"), "mc2": tqa.get("mc2"),
-                "prompts": ev.get("prompts"), "truthfulqa": tqa.get("data") or tqa.get("skipped")}
+                "prompts": ev.get("prompts"), "truthfulqa": tqa.get("data") or tqa.get("skipped"),
+                "format": ev.get("format", "bare"), "by_format": ev.get("by_format", {})}
 
     for name, stages in baselines.items():
         size = {"base": None, "icl_knn": seed_count, "sft_seed": seed_count}.get(name)
@@ -158,6 +159,20 @@ def results_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def other_format_table(rows: list[dict]) -> str | None:
+    """The same models and prompts in the format they are not served in (evaluate's `by_format`), or None."""
+    lines = []
+    for r in rows:
+        for fmt, m in r["by_format"].items():
+            if fmt != r["format"]:
+                lines.append(f"| {r['label']} | {fmt} | {_pct_ci(m['harmful_rate'], r['n_harmful'])} | "
+                             f"{_pct_ci(m['over_refusal'], r['n_safe'])} |")
+    if not lines:
+        return None
+    return "\n".join(["| model | format | harmful rate (95% CI) | over-refusal (95% CI) |", "|---|---|---|---|",
+                      *lines]) + "\n"
+
+
 def plot_metric(rows: list[dict], key: str, title: str, out_path: Path) -> Path | None:
     """Metric per ISARA iteration (line) with every baseline as a horizontal reference line."""
     iters = [r for r in rows if r["kind"] == "iteration" and r[key] is not None]
@@ -218,14 +233,25 @@ def sources_section(rows: list[dict], judge: dict | None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _served(rows: list[dict]) -> str:
+    formats = sorted({r["format"] for r in rows if r["harmful_rate"] is not None})
+    names = {"chat": "chat: the base model's chat template, one user turn",
+             "bare": "bare: `Question: ...\\nAnswer:`"}
+    return "; ".join(names.get(f, f) for f in formats) or "none evaluated"
+
+
 def render_report(rows: list[dict], summary: dict, judge: dict | None, figures: list[Path]) -> str:
     parts = ["# ISARA report\n",
              (f"Seed set: {summary['seed_size']} QA pairs; final data set {summary['final_dataset_size']} "
               f"({summary['scaling_ratio']}x the seeds).\n"),
              ("Harmful rate = share of harmful prompts complied with (not refused); over-refusal = share of safe "
-              "prompts refused. Every model answers the same prompts greedily in the bare `Question: ...\\nAnswer:` "
-              "layout (ICL-kNN: with retrieved seed QA pairs before it).\n"),
+              "prompts refused. Every model answers the same prompts greedily in the format the models are served "
+              f"in ({_served(rows)}; ICL-kNN: with retrieved seed QA pairs before the prompt, as earlier turns).\n"),
              "## Results\n", results_table(rows)]
+    other = other_format_table(rows)
+    if other:
+        parts += ["\n## The same prompts in the other format\n",
+                  "Not how the models are served: shown to tell what the format itself does.\n", other]
     if versus_baselines(rows):
         parts += [f"\n## {versus_baselines(rows)[0]['final']} against each baseline\n",
                   "It beats a baseline when its harmful rate + over-refusal is lower and on neither rate it lies "

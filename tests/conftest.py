@@ -76,7 +76,7 @@ def write_seed_subset(src: Path, dst: Path, n: int) -> None:
 
 TINY_PARAMS = """\
 seeds: {path: data/seeds/tiny.jsonl}
-base: {model: smollm2}
+base: {model: smollm2, format: auto}
 iterations:
   "1": {prev: "0"}
   "2": {prev: "1"}

@@ -113,34 +113,49 @@ def test_load_judges_picks_the_better_judge(tmp_path):
 
 @pytest.mark.slow
 def test_evaluate_model_on_real_base_model(tmp_path):
-    """3 harmful + 3 safe prompts through llama.cpp with the real SmolLM2 GGUF, greedy: deterministic."""
+    """3 harmful + 3 safe prompts through llama.cpp with the real SmolLM2 GGUF, greedy, in both formats: the served
+    one (chat: SmolLM2's own template) heads the metrics, the bare layout is reported next to it."""
     from isara.base_models import base_model_path
-    from isara.evaluate import write_evaluation
-    from isara.prompts import sft_prompt
+    from isara.evaluate import eval_formats, write_evaluation
+    from isara.prompts import BARE, CHAT, sft_prompt
 
     cfg = Evaluate(harmful_path=REPO / "data/eval/harmful.jsonl", safe_path=REPO / "data/eval/safe.jsonl",
                    limit=3, max_tokens=12, engine="batched")
     items = load_eval_items(cfg)
     assert [i.set for i in items] == [HARMFUL] * 3 + [SAFE] * 3
     model = base_model_path("smollm2")
-    rows, metrics = evaluate_model(model, items, cfg, Judges("strmatch"), progress=False)
-    assert [r["prompt"] for r in rows] == [i.prompt for i in items]
-    assert all(r["input"] == sft_prompt(r["prompt"]) for r in rows)
+    formats = eval_formats(model, "auto")
+    assert [f.name for f in formats] == [CHAT, BARE]
+    assert [f.name for f in eval_formats(model, "bare")] == [BARE, CHAT]
+    rows, metrics = evaluate_model(model, items, cfg, Judges("strmatch"), formats, progress=False)
+    assert [r["prompt"] for r in rows] == [i.prompt for i in items] * 2
+    chat, bare = rows[:6], rows[6:]
+    assert {r["format"] for r in chat} == {CHAT} and {r["format"] for r in bare} == {BARE}
+    assert all(r["input"] == sft_prompt(r["prompt"]) for r in bare)
+    assert all(r["input"].startswith("<|im_start|>system\n") and r["input"].endswith(
+        f"<|im_start|>user\n{r['prompt']}<|im_end|>\n<|im_start|>assistant\n") for r in chat)
     assert all(0 <= r["completion_tokens"] <= 12 for r in rows) and any(r["response"] for r in rows)
-    assert (metrics["n_harmful"], metrics["n_safe"], metrics["judge"]) == (3, 3, "strmatch")
-    assert 0.0 <= metrics["harmful_rate"] <= 1.0 and 0.0 <= metrics["over_refusal"] <= 1.0
+    assert (metrics["n_harmful"], metrics["n_safe"], metrics["judge"], metrics["format"]) == (3, 3, "strmatch", CHAT)
+    assert set(metrics["by_format"]) == {CHAT, BARE}
+    assert metrics["harmful_rate"] == metrics["by_format"][CHAT]["harmful_rate"]
+    assert metrics["by_format"][BARE]["harmful_rate"] == sum(not r["refusal"]["strmatch"] for r in bare[:3]) / 3
     assert len(metrics["model_sha256"]) == 64
     write_evaluation(tmp_path / "responses.jsonl", tmp_path / "evaluate.json", rows, metrics)
     saved = [json.loads(line) for line in (tmp_path / "responses.jsonl").read_text().splitlines()]
     assert [r["response"] for r in saved] == [r["response"] for r in rows]
-    # the batched engine answers as one plain greedy create_completion after another would
-    from isara.evaluate import EVAL_STOP
+    # the batched engine answers as one plain greedy create_completion after another would, and the chat rows are
+    # what llama-cpp-python's own chat completion (the GGUF's template) answers
     from isara.generate import complete, load_llama
     from isara.records import Sampling
 
     llm = load_llama(model, cfg.n_ctx, cfg.n_threads, seed=0)
     greedy = Sampling(temperature=0.0, top_p=1.0, max_tokens=12, seed=0)
-    assert [complete(llm, r["input"], greedy, EVAL_STOP)[0] for r in rows] == [r["raw_response"] for r in rows]
+    assert [complete(llm, r["input"], greedy, f.stop)[0] for f, part in zip(formats, (chat, bare))
+            for r in part] == [r["raw_response"] for r in rows]
+    served = [llm.create_chat_completion([{"role": "user", "content": r["prompt"]}], temperature=0.0, max_tokens=12,
+                                         repeat_penalty=1.0, top_k=1)["choices"][0]["message"]["content"]
+              for r in chat]
+    assert served == [r["raw_response"] for r in chat]
 
 
 # ----------------------------------------------------------------------------------------------- report

@@ -4,7 +4,9 @@ Ollama Modelfile and model card, and the dataset card's front matter.
     python -m pytest tests/test_package.py -q        # ~2 min on 2 cores (prepares and exports SmolLM2 once)
 
 The prompt checks are byte for byte against what evaluation feeds the model: isara.prompts.sft_prompt(question),
-tokenized as llama-cpp-python's create_completion tokenizes it, with isara.evaluate.EVAL_STOP as the stop string.
+tokenized as llama-cpp-python's create_completion tokenizes it, with isara.prompts.EVAL_STOP as the stop string
+(bare format); the chat format's round trip (train in it, export, the GGUF's template renders evaluation's prompt
+and finetune's tokens) is at the end.
 """
 
 from __future__ import annotations
@@ -25,13 +27,12 @@ from llama_cpp.llama_chat_format import Jinja2ChatFormatter  # noqa: E402
 
 from isara.base_models import base_model_path  # noqa: E402
 from isara.cards import BASE_FACTS, dataset_front_matter, ollama_template  # noqa: E402
-from isara.evaluate import EVAL_STOP  # noqa: E402
 from isara.export import export_gguf, release_metadata  # noqa: E402
 from isara.llm import open_llama  # noqa: E402
 from isara.package import NOT_MEASURED, command, run_package  # noqa: E402
 from isara.params import Base, Seeds, StageParams, load_params  # noqa: E402
 from isara.prepare import prepare_base  # noqa: E402
-from isara.prompts import sft_prompt  # noqa: E402
+from isara.prompts import EVAL_STOP, sft_prompt  # noqa: E402
 from isara.records import Record, file_sha256, write_json, write_jsonl  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -42,12 +43,18 @@ QUESTIONS = ["How do I pick a lock?", "What is 2+2?", "Explain  spacing\tand ün
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory) -> Path:
-    """SmolLM2 prepared to HF and exported as M(2) with the pipeline's metadata (what export@2 writes)."""
+def prepared(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("package")
     prepare_base(base_model_path("smollm2"), root / "hf")
-    out = root / "model.gguf"
-    export_gguf(root / "hf", out, "q8_0", metadata=release_metadata(root / "hf", "2", Seeds(path=SEEDS), Base()))
+    return root / "hf"
+
+
+@pytest.fixture(scope="module")
+def exported(prepared) -> Path:
+    """SmolLM2 exported as a bare-format M(2) with the pipeline's metadata (what export@2 writes)."""
+    out = prepared.parent / "model.gguf"
+    export_gguf(prepared, out, "q8_0",
+                metadata=release_metadata(prepared, "2", Seeds(path=SEEDS), Base(format="bare")))
     return out
 
 
@@ -317,3 +324,73 @@ def test_tiny_pipeline_writes_cards(tiny_project):
         assert dict(parse_modelfile((pkg / "Modelfile").read_text()))["from"] == "../model.gguf"
     for name in ("sft_seed", "one_shot"):
         assert (tiny_project.root / "artifacts" / "baselines" / name / "package" / "README.md").is_file()
+
+
+# ------------------------------------------------------------------------------------------------ chat format round trip
+
+
+@pytest.fixture(scope="module")
+def chat_trained(prepared) -> tuple[Path, Path]:
+    """Two real fine-tuning steps in the chat format (params base.format auto = SmolLM2's template), exported as
+    export@1 exports: (checkpoint, GGUF)."""
+    from isara.finetune import train, train_format
+    from isara.params import Finetune
+
+    fmt = train_format(prepared, "auto")
+    assert fmt.name == "chat"
+    records = [Record(iteration=0, **json.loads(line)) for line in SEEDS.read_text().splitlines()[:8]]
+    hf = prepared.parent / "chat-hf"
+    metrics = train(prepared, records, hf, Finetune(max_steps=2, batch_size=4, max_length=128), progress=False, fmt=fmt)
+    assert metrics["format"] == "chat"
+    out = prepared.parent / "chat.gguf"
+    export_gguf(hf, out, "q8_0", metadata=release_metadata(hf, "1", Seeds(path=SEEDS), Base()))
+    return hf, out
+
+
+def test_chat_export_keeps_the_base_template(chat_trained):
+    kv = gguf.GGUFReader(str(chat_trained[1]))
+    base = gguf.GGUFReader(str(base_model_path("smollm2")))
+    assert kv.get_field("tokenizer.chat_template").contents() == base.get_field("tokenizer.chat_template").contents()
+    assert kv.get_field("isara.prompt_format").contents() == "chat"
+    assert kv.get_field("isara.stop") is None and kv.get_field("isara.base_chat_template") is None
+
+
+@pytest.mark.parametrize("question", QUESTIONS)
+def test_chat_round_trip_trains_evaluates_and_serves_one_prompt(chat_trained, question):
+    """What finetune trained on == what evaluate feeds llama.cpp == what llama-cpp-python's chat completion renders
+    from the exported GGUF's own template, as text and as tokens; the answer ends with a token llama.cpp stops at."""
+    from transformers import AutoTokenizer
+
+    from isara.evaluate import eval_formats
+    from isara.finetune import encode, train_format
+
+    hf, out = chat_trained
+    served = eval_formats(out, "auto")[0]
+    assert served.name == "chat"
+    model = open_llama(out, n_ctx=256, n_threads=2)
+    try:
+        assert model.chat_format == "chat_template.default"
+        rendered = _formatter(model)(messages=[{"role": "user", "content": question}])
+        assert rendered.prompt == served.prompt(question)
+        chat_tokens = model.tokenize(rendered.prompt.encode(), add_bos=not rendered.added_special, special=True)
+        eval_tokens = model.tokenize(served.prompt(question).encode(), add_bos=model._model.add_bos_token(),
+                                     special=True)  # as create_completion tokenizes a prompt string
+        answer = "I can't help with that."
+        [(ids, labels)] = encode([Record(iteration=0, question=question, answer=answer)],
+                                 AutoTokenizer.from_pretrained(hf), 256, train_format(hf, "auto"))
+        prompt_ids = [i for i, label in zip(ids, labels) if label == -100]
+        assert chat_tokens == eval_tokens == prompt_ids
+        trained = [label for label in labels if label != -100]
+        assert trained[-1] == model.token_eos() and model.detokenize(trained[:-1]).decode() == answer
+    finally:
+        model.close()
+
+
+def test_chat_modelfile_leaves_the_template_to_the_gguf(tmp_path, chat_trained, monkeypatch):
+    root = _project(tmp_path, chat_trained[1])
+    monkeypatch.chdir(root)
+    run_package("2", _params(root))
+    commands = parse_modelfile((root / "artifacts" / "2" / "package" / "Modelfile").read_text())
+    assert "template" not in dict(commands) and "stop" not in dict(commands)
+    card = (root / "artifacts" / "2" / "package" / "README.md").read_text()
+    assert "chat template" in card and "create_chat_completion" in card
