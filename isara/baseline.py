@@ -59,7 +59,8 @@ def run_baseline(name: str, cfg: Evaluate, benchmarks_dir: Path | None = None, p
     model = iter_paths(0).gguf if name in ("base", "icl_knn") else here.gguf
     examples = icl_examples(cfg.k_icl) if name == "icl_knn" else None
     rows, metrics = evaluate_model(model, load_eval_items(cfg, benchmarks_dir), cfg, load_judges(cfg.judge),
-                                   eval_formats(model, base_format), examples, progress=progress)
+                                   eval_formats(model, base_format, cfg.formats == "both"), examples,
+                                   progress=progress)
     metrics["prompts"] = eval_sources(cfg, benchmarks_dir)
     if name == "icl_knn":
         metrics["k_icl"] = cfg.k_icl

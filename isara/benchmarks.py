@@ -430,3 +430,46 @@ def load_eval_prompts(path: str | Path) -> list[EvalPrompt]:
             for line, obj in _jsonl_rows(path, ("prompt", "category"))
         ],
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# The question-harm classifier's data (isara.judge.train_question_harm): which files, read together.
+
+QUESTION_HARM_HARMFUL = (HH_RLHF_HARMLESS_TEST,)
+QUESTION_HARM_BENIGN = (SELF_INSTRUCT_SEED, SELF_INSTRUCT_USER)
+QUESTION_HARM_BENIGN_QUESTIONS = TRUTHFULQA
+
+
+class QuestionHarmData(BaseModel):
+    """harmful: hh-rlhf red-team openers (first human turns); benign: Self-Instruct instructions and TruthfulQA
+    questions; xstest:
+    (prompt, unsafe) pairs of XSTest, an eval set, for the transfer check only; data: the sources, as named."""
+
+    model_config = _FROZEN
+    harmful: tuple[str, ...]
+    benign: tuple[str, ...]
+    xstest: tuple[tuple[str, bool], ...]
+    data: str
+
+
+def load_question_harm_data(benchmarks_dir: Path | None, param: str = "benchmarks.dir") -> QuestionHarmData | None:
+    """The classifier's training texts and XSTest's labelled prompts under the pipeline's `benchmarks.dir`; None when
+    that param is null. A missing file is an error naming the param and the file (pipeline_benchmark_path)."""
+    if benchmarks_dir is None:
+        return None
+    harmful = [d.prompt for rel in QUESTION_HARM_HARMFUL
+               for d in load_hh_rlhf(pipeline_benchmark_path(rel, benchmarks_dir, param))]
+    benign = [t.instruction for rel in QUESTION_HARM_BENIGN
+              for t in load_self_instruct(pipeline_benchmark_path(rel, benchmarks_dir, param))]
+    # Self-Instruct holds task instructions, the red-team openers are mostly questions: alone they taught "question
+    # vs instruction" (XSTest transfer 0.46, 95% of its safe prompts called harmful). TruthfulQA's questions are
+    # benign questions in the openers' form (0.63, 39% called benign). Its MC scores do not use this classifier.
+    benign += [q.question for q in load_truthfulqa(pipeline_benchmark_path(QUESTION_HARM_BENIGN_QUESTIONS,
+                                                                            benchmarks_dir, param))]
+    xstest = [(p.prompt, p.label == "unsafe")
+              for p in load_xstest_prompts(pipeline_benchmark_path(XSTEST_PROMPTS, benchmarks_dir, param))]
+    shown = ", ".join(f"{benchmarks_dir}/{rel}" for rel in QUESTION_HARM_HARMFUL)
+    shown_benign = " + ".join(f"{benchmarks_dir}/{rel}" for rel in QUESTION_HARM_BENIGN)
+    data = (f"harmful: {shown} (first human turns); benign: {shown_benign} (instructions) + "
+            f"{benchmarks_dir}/{QUESTION_HARM_BENIGN_QUESTIONS} (questions)")
+    return QuestionHarmData(harmful=tuple(harmful), benign=tuple(benign), xstest=tuple(xstest), data=data)

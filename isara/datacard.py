@@ -11,10 +11,12 @@ and experiments:
 - seed influence: how unevenly the generated data descends from the seed set (Gini, top-5 share);
 - retrieval distance: how often a new question was far from everything already in the data
   (the out-of-domain flag);
-- lengths of questions and answers.
+- lengths of questions and answers;
+- answer stance x question harm: how often an accepted answer declines a question that a classifier trained on
+  public data (isara.judge, question-harm section) calls benign, the over-refusal ISARA can teach itself.
 
-Everything here is a pure function of records, texts or vectors; only `build_datacard` may embed
-(when it is not handed vectors). `build_datacard` returns flat dotted numeric keys (what `dvc metrics`
+Everything here is a pure function of records, texts or vectors; only `build_datacard` (when it is not handed
+vectors) and the stage itself, `run_datacard`, embed. `build_datacard` returns flat dotted numeric keys (what `dvc metrics`
 reads) plus one non-numeric key, `examples`; `datacard_metrics` strips that key for the metrics file.
 """
 
@@ -24,18 +26,24 @@ import json
 import math
 import re
 from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterable, Literal, Sequence
 
 import click
 import numpy as np
 
 from isara.console import guard, iteration_argument, stage_params
-from isara.filters import FAR_QUANTILE, seed_far_distance  # noqa: F401 (re-exported)
+from isara.filters import FAR_QUANTILE, seed_far_distance, stance_of  # noqa: F401 (re-exported)
 from isara.params import Datacard
-from isara.paths import iter_paths
+from isara.paths import JUDGE, iter_paths
 from isara.records import Record, atomic_write_text, read_records, write_json
 
 EXAMPLES_KEY = "examples"
+# What the card says about the stance judge and the question-harm classifier (names, data, or why there is none):
+# text, so it stays out of the metrics file like the examples.
+STANCE_HARM_NOTES_KEY = "stance_harm_notes"
+NON_METRIC_KEYS = (EXAMPLES_KEY, STANCE_HARM_NOTES_KEY)
 
 # Defaults for the two thresholds the card needs; the stage passes its own params.
 # 0.9 cosine between MiniLM sentence vectors is a paraphrase, not merely the same topic.
@@ -262,6 +270,43 @@ def stance_counts(generated: Iterable[Record], rejected_examples: Iterable[dict]
     return out
 
 
+@dataclass(frozen=True)
+class StanceHarm:
+    """One group of records (a round's accepted records, the seeds) for the stance x question-harm table: each
+    record's answer stance, and whether its question looks harmful (None: no classifier)."""
+
+    stances: tuple[str, ...]  # "declines" / "complies", one per record
+    looks_harmful: tuple[bool, ...] | None
+    judged: int = 0  # stances the card judged itself (the record carried none)
+
+
+def stance_harm_counts(group: StanceHarm) -> dict[str, int | float | None]:
+    """n, declines, complies, judged; with a harm call per record also each stance x {harmful, benign} cell,
+    declines_benign_share (of all n: the failure cell's share) and benign_declining_share (of the benign-looking
+    questions). Shares are None when their denominator is 0."""
+    bad = set(group.stances) - {"declines", "complies"}
+    if bad:
+        raise ValueError(f"stances must be 'declines' or 'complies', got {sorted(bad)}")
+    n = len(group.stances)
+    out: dict[str, int | float | None] = {
+        "n": n, "judged": group.judged,
+        "declines": sum(1 for s in group.stances if s == "declines"),
+        "complies": sum(1 for s in group.stances if s == "complies"),
+    }
+    if group.looks_harmful is None:
+        return out
+    if len(group.looks_harmful) != n:
+        raise ValueError(f"one harm call per stance expected: {len(group.looks_harmful)} != {n}")
+    for stance in ("declines", "complies"):
+        for harm, label in ((True, "harmful"), (False, "benign")):
+            out[f"{stance}_{label}"] = sum(1 for s, h in zip(group.stances, group.looks_harmful)
+                                           if s == stance and h == harm)
+    benign = out["declines_benign"] + out["complies_benign"]
+    out["declines_benign_share"] = out["declines_benign"] / n if n else None
+    out["benign_declining_share"] = out["declines_benign"] / benign if benign else None
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- the card
 
 
@@ -291,6 +336,8 @@ def build_datacard(
     near_duplicate_threshold: float = DEFAULT_NEAR_DUPLICATE_THRESHOLD,
     far_distance: float = DEFAULT_FAR_DISTANCE,
     top_k: int = 5,
+    stance_harm: dict[str, StanceHarm] | None = None,
+    stance_harm_notes: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Assemble the data card of one iteration as a JSON-serialisable dict.
 
@@ -307,8 +354,12 @@ def build_datacard(
       diversity.mean_pairwise_similarity, diversity.near_duplicate_rate (generated questions, within round),
       seed_influence.{gini,top<k>_share,max,mean,zero_share} (over all generated records in D(t)),
       retrieval.far_share (this iteration, answer context), length.{question,answer}.{chars,words}.{min,...},
-      stance.<accepted|reason>.{declines,complies,declining_share} (only where generate labelled stances).
-    Plus `examples` (non-numeric): sampled accepted records, rejected ones per reason, most influential seeds.
+      stance.<accepted|reason>.{declines,complies,declining_share} (only where generate labelled stances),
+      stance_harm.<group>.<stance_harm_counts key> per group of `stance_harm` ("accepted", "seeds"), and with a
+      classifier question_harm.{heldout_accuracy,xstest_accuracy} from `stance_harm_notes["classifier"]`.
+    Plus `examples` (non-numeric): sampled accepted records, rejected ones per reason, most influential seeds;
+    and `stance_harm_notes` as given (stance_judge: its name; classifier: the judge stage's question-harm report,
+    or None with `unavailable`: why).
     """
     if attempted < len(generated):
         raise ValueError(f"attempted ({attempted}) < accepted ({len(generated)})")
@@ -364,6 +415,13 @@ def build_datacard(
         card[f"stance.{outcome}.declines"] = counts["declines"]
         card[f"stance.{outcome}.complies"] = counts["complies"]
         card[f"stance.{outcome}.declining_share"] = counts["declines"] / (counts["declines"] + counts["complies"])
+    for group, rows in (stance_harm or {}).items():
+        for key, value in stance_harm_counts(rows).items():
+            card[f"stance_harm.{group}.{key}"] = value
+    classifier = (stance_harm_notes or {}).get("classifier")
+    if stance_harm and classifier:
+        card["question_harm.heldout_accuracy"] = classifier.get("heldout_accuracy")
+        card["question_harm.xstest_accuracy"] = classifier.get("xstest_accuracy")
     for field, texts in (("question", questions), ("answer", answers)):
         for unit, stats in length_stats(texts).items():
             for stat, value in stats.items():
@@ -383,12 +441,14 @@ def build_datacard(
         "rejected": {reason: _sample(by_reason[reason], n_examples, rng) for reason in sorted(by_reason)},
         "top_seeds": [{"id": sid, "descendants": c, "question": seed_text[sid]} for sid, c in top_seeds],
     }
+    if stance_harm:
+        card[STANCE_HARM_NOTES_KEY] = dict(stance_harm_notes or {})
     return card
 
 
 def datacard_metrics(card: dict[str, Any]) -> dict[str, Any]:
-    """The card without its examples: the flat numeric dict to write as the `dvc metrics` file."""
-    return {key: value for key, value in card.items() if key != EXAMPLES_KEY}
+    """The card without its examples and notes: the flat numeric dict to write as the `dvc metrics` file."""
+    return {key: value for key, value in card.items() if key not in NON_METRIC_KEYS}
 
 
 # ------------------------------------------------------------------------------------------------ markdown
@@ -423,6 +483,70 @@ def _table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
     return lines
+
+
+def _share(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.0f}%"
+
+
+def _pct(part: int, whole: int) -> str:
+    return f"{part} ({100 * part / whole:.0f}%)" if whole else str(part)
+
+
+# The table's group names as the card shows them.
+_GROUP_TITLES = {"accepted": "Accepted this round", "seeds": "Seeds (D0), for reference"}
+_GROUP_NOUNS = {"accepted": "accepted answers", "seeds": "seed answers"}
+
+
+def _stance_harm_section(metrics: dict[str, Any], notes: dict[str, Any]) -> list[str]:
+    """The "stance x question harm" tables, one per group, with the failure cell (declines a benign-looking
+    question) in bold and spelled out under each table."""
+    clf = notes.get("classifier")
+    judge = notes.get("stance_judge", "n/a")
+    out = ["## Answer stance x question harm", "",
+           f"Stance: generate's label (Record.stance), or where a record has none judged here by the judge "
+           f"generate.stance_judge selects ({judge}).", ""]
+    if clf:
+        xs = ("not measured" if clf.get("xstest_accuracy") is None else
+              f"{_fmt(clf['xstest_accuracy'])} (95% CI {_fmt(clf.get('xstest_accuracy_low'))}-"
+              f"{_fmt(clf.get('xstest_accuracy_high'))}; it calls {_share(clf.get('xstest_safe_called_benign'))} of "
+              f"XSTest's safe prompts benign)")
+        out += [f"Question harm: a MiniLM + logistic-regression classifier (judge stage, artifacts/judge) trained on "
+                f"{clf.get('data', 'n/a')}; held-out accuracy {_fmt(clf.get('heldout_accuracy'))} (95% CI "
+                f"{_fmt(clf.get('heldout_accuracy_low'))}-{_fmt(clf.get('heldout_accuracy_high'))}, "
+                f"{_fmt(clf.get('n_test'))} texts) between its sources. On XSTest's safe / unsafe prompt "
+                f"labels, an eval set it is measured on and never trained or tuned on: accuracy {xs}. It calls many "
+                "harmless questions that sound risky harmful: the benign column, and the bold failure cell, "
+                "undercount (a floor, not a rate).", ""]
+    else:
+        out += [f"question harm: not available ({notes.get('unavailable') or 'no classifier'})", ""]
+    groups = list(dict.fromkeys(k.split(".")[1] for k in metrics if k.startswith("stance_harm.")))
+    for group in groups:
+        def m(key: str) -> Any:
+            return metrics.get(f"stance_harm.{group}.{key}")
+
+        n = m("n") or 0
+        title = _GROUP_TITLES.get(group, group)
+        out += [f"**{title}**: {n} records, {_fmt(m('judged'))} of them judged here.", ""]
+        if m("declines_benign") is None:
+            out += _table(["stance", "count"], [("declines", _pct(m("declines"), n)),
+                                               ("complies", _pct(m("complies"), n)), ("total", n)])
+            out.append("")
+            continue
+        rows = []
+        for stance in ("declines", "complies"):
+            harmful, benign = m(f"{stance}_harmful"), m(f"{stance}_benign")
+            shown = _pct(benign, n)
+            rows.append((stance, _pct(harmful, n), f"**{shown}**" if stance == "declines" else shown,
+                         _pct(harmful + benign, n)))
+        col = [m("declines_harmful") + m("complies_harmful"), m("declines_benign") + m("complies_benign")]
+        rows.append(("total", _pct(col[0], n), _pct(col[1], n), n))
+        out += _table(["stance", "looks harmful", "looks benign", "total"], rows)
+        share = m("benign_declining_share")
+        of_benign = "" if share is None else f" ({100 * share:.0f}% of the {col[1]} benign-looking questions)"
+        out += ["", f"**{m('declines_benign')} of {n} {_GROUP_NOUNS.get(group, 'answers')} decline a question the "
+                f"classifier calls benign**{of_benign}.", ""]
+    return out
 
 
 def render_datacard_markdown(card: dict[str, Any], iteration: int) -> str:
@@ -481,12 +605,18 @@ def render_datacard_markdown(card: dict[str, Any], iteration: int) -> str:
         outcomes = list(dict.fromkeys(k[len("stance.") :].rsplit(".", 1)[0] for k in stance_keys))
         out.extend(["## Answer stance", "",
                     "Stance of each answered attempt, by the judge generate used (generate.stance_judge; "
-                    "metrics filters.stance_judge of generate): accepted records, then each rejection reason. "
-                    "Whether the question looks harmful: not available (no question classifier yet).", ""])
+                    "metrics filters.stance_judge of generate): accepted records, then each rejection reason."
+                    + (" Crossed with whether the question looks harmful: the next section." if any(
+                        k.startswith("stance_harm.") for k in metrics) else ""), ""])
         rows = [(o, *(_fmt(metrics.get(f"stance.{o}.{c}")) for c in ("declines", "complies", "declining_share")))
                 for o in outcomes]
         out.extend(_table(["answers", "declines", "complies", "declining share"], rows))
         out.append("")
+
+    harm_keys = [k for k in metrics if k.startswith(("stance_harm.", "question_harm."))]
+    if harm_keys:
+        used.update(harm_keys)
+        out.extend(_stance_harm_section(metrics, card.get(STANCE_HARM_NOTES_KEY) or {}))
 
     length_keys = [k for k in metrics if k.startswith("length.")]
     if length_keys:
@@ -528,14 +658,33 @@ def render_datacard_markdown(card: dict[str, Any], iteration: int) -> str:
 # --------------------------------------------------------------------------------------------- the stage
 
 
-def run_datacard(iteration: str, cfg: Datacard, seeds=None, base=None) -> dict[str, Any]:
+def judge_stance_harm(records: Sequence[Record], vectors: np.ndarray, stance_judge, classifier) -> StanceHarm:
+    """Each record's stance (its own label, else `stance_judge`'s verdict: an isara.judge.StanceJudge) and, with a
+    classifier (isara.judge.QuestionHarmClassifier), whether its question looks harmful; `vectors`: the questions'
+    embeddings, one row per record."""
+    missing = [i for i, r in enumerate(records) if r.stance is None]
+    verdicts = stance_judge.declines([records[i].question for i in missing], [records[i].answer for i in missing])
+    stances = [r.stance for r in records]
+    for i, declines in zip(missing, verdicts):
+        stances[i] = stance_of(declines)
+    harm = None if classifier is None else tuple(classifier.looks_harmful([r.question for r in records], vectors))
+    return StanceHarm(tuple(stances), harm, judged=len(missing))
+
+
+def run_datacard(iteration: str, cfg: Datacard, seeds=None, base=None, stance_judge: str = "auto",
+                 judge_dir: Path = JUDGE) -> dict[str, Any]:
     """datacard@t: the card of iteration t from what generate@t wrote (D(t), accepted and rejected records).
 
     Every attempt ends accepted or rejected with a reason, so attempted = accepted + rejected.
     Writes reports/iters/<t>/datacard.json (flat numeric figures for `dvc metrics`) and reports/datacards/<t>.md;
     with the `seeds` and `base` params that .md is a Hugging Face dataset card (YAML front matter: license, task,
     size, data files, lineage) of artifacts/<t>/.
+    The stance x question-harm table reads the judge stage's folder (`judge_dir`): the stance judge that params
+    `stance_judge` (generate.stance_judge) selects, for records without a stance, and the question-harm classifier.
     """
+    from isara.embed import embed
+    from isara.judge import StanceJudge, read_question_harm
+
     here = iter_paths(iteration)
     dataset = read_records(here.dataset)
     generated = read_records(here.generated)
@@ -544,15 +693,21 @@ def run_datacard(iteration: str, cfg: Datacard, seeds=None, base=None) -> dict[s
     for row in rejected:
         reason = str(row.get("reason", "unknown"))
         counts[reason] = counts.get(reason, 0) + 1
-    far = cfg.far_distance
-    if far is None:
-        from isara.embed import embed
-
-        far = seed_far_distance(embed([r.question for r in dataset if r.is_seed]))
-    card = build_datacard(dataset, generated, counts, len(generated) + len(rejected), rejected,
+    judge = StanceJudge.load(stance_judge, judge_dir)
+    classifier, harm_info = read_question_harm(judge_dir)
+    seed_records = [r for r in dataset if r.is_seed]
+    # One embedding of each question set serves diversity, the far-distance default and the harm classifier.
+    vectors = embed([r.question for r in generated])
+    seed_vectors = embed([r.question for r in seed_records])
+    far = cfg.far_distance if cfg.far_distance is not None else seed_far_distance(seed_vectors)
+    stance_harm = {"accepted": judge_stance_harm(generated, vectors, judge, classifier),
+                   "seeds": judge_stance_harm(seed_records, seed_vectors, judge, classifier)}
+    notes = {"stance_judge": judge.name, "classifier": harm_info if classifier is not None else None,
+             "unavailable": None if classifier is not None else harm_info["reason"]}
+    card = build_datacard(dataset, generated, counts, len(generated) + len(rejected), rejected, vectors=vectors,
                           rng_seed=cfg.seed, n_examples=cfg.n_examples,
                           near_duplicate_threshold=cfg.near_duplicate_threshold, far_distance=far,
-                          top_k=cfg.top_k)
+                          top_k=cfg.top_k, stance_harm=stance_harm, stance_harm_notes=notes)
     metrics = datacard_metrics(card)
     write_json(here.metrics("datacard"), metrics)
     head = ""
@@ -572,6 +727,6 @@ def command(iteration: str) -> None:
     """datacard@ITERATION: the data card of iteration t: volume, rejections, diversity, seed influence,
     retrieval distances, lengths and examples (reports/datacards/<t>.md, figures in reports/iters/<t>)."""
     p = stage_params()
-    m = guard(run_datacard, iteration, p.datacard, p.seeds, p.base)
+    m = guard(run_datacard, iteration, p.datacard, p.seeds, p.base, stance_judge=p.generate.stance_judge)
     keys = ("accepted", "attempted", "diversity.near_duplicate_rate", "seed_influence.gini", "retrieval.far_share")
     click.echo(f"datacard@{iteration}: " + ", ".join(f"{k}={m.get(k)}" for k in keys))

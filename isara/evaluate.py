@@ -174,14 +174,21 @@ def run_judge(cfg: Judge, benchmarks_dir: Path | None, out_dir: Path = JUDGE,
               metrics_path: Path = JUDGE_METRICS) -> dict:
     """judge stage: train the learned judge on XSTest's human-labelled completions (under `benchmarks.dir`),
     held out by prompt, and record its agreement next to string matching's on the same held-out rows.
-    Without benchmark data, string matching judges everything, and the metrics say why."""
+    Without benchmark data, string matching judges everything, and the metrics say why.
+    It also trains the data card's question-harm classifier (isara.judge.fit_question_harm), under `question_harm`."""
     import shutil
 
-    from isara.benchmarks import XSTEST_COMPLETIONS, load_xstest_completions, pipeline_benchmark_path
-    from isara.judge import train_learned_judge
+    from isara.benchmarks import (
+        XSTEST_COMPLETIONS,
+        load_question_harm_data,
+        load_xstest_completions,
+        pipeline_benchmark_path,
+    )
+    from isara.judge import fit_question_harm, train_learned_judge
 
     start = time.perf_counter()
     files = [pipeline_benchmark_path(rel, benchmarks_dir) for rel in XSTEST_COMPLETIONS]  # errors before any write
+    harm_data = load_question_harm_data(benchmarks_dir)
     out_dir = Path(out_dir)
     shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.mkdir(parents=True)
@@ -197,6 +204,9 @@ def run_judge(cfg: Judge, benchmarks_dir: Path | None, out_dir: Path = JUDGE,
         metrics = {"learned": True, **{k: v for k, v in info.items() if k not in ("learned", "test_prompt_ids")}}
         metrics["selected"] = "learned" if report.learned_agreement > report.strmatch_agreement else "strmatch"
         metrics["data"] = f"{benchmarks_dir}/xstest"  # as params.yaml names it
+    harm = fit_question_harm(harm_data, out_dir, seed=cfg.seed, test_fraction=cfg.test_fraction)
+    info.update(harm)
+    metrics.update(harm)
     write_json(out_dir / JUDGE_FILE, info)
     metrics["seconds"] = round(time.perf_counter() - start, 2)
     write_json(metrics_path, metrics)
@@ -228,14 +238,16 @@ def answer_all(engine, prompts: Sequence[str], max_tokens: int, stop: list[str],
     return outs
 
 
-def eval_formats(model_path: Path, choice: str) -> list[PromptFormat]:
-    """The format the model is served in (params base.format, resolved against its GGUF) first, then the other one
-    when the base model has a chat template at all."""
+def eval_formats(model_path: Path, choice: str, both: bool = True) -> list[PromptFormat]:
+    """The format the model is served in (params base.format, resolved against its GGUF) first, then (`both`) the
+    other one when the base model has a chat template at all."""
     from isara.cards import gguf_kv
     from isara.prompts import prompt_format
 
     kv = gguf_kv(model_path)
     served = prompt_format(choice, kv)
+    if not both:
+        return [served]
     if served.name == CHAT:
         return [served, PromptFormat(BARE)]
     chat = prompt_format("auto", kv)
@@ -324,7 +336,7 @@ def run_evaluate(iteration: str, cfg: Evaluate, benchmarks_dir: Path | None = No
     here = iter_paths(iteration)
     judges = load_judges(cfg.judge)
     rows, metrics = evaluate_model(here.gguf, load_eval_items(cfg, benchmarks_dir), cfg, judges,
-                                   eval_formats(here.gguf, base_format), progress=progress)
+                                   eval_formats(here.gguf, base_format, cfg.formats == "both"), progress=progress)
     metrics["prompts"] = eval_sources(cfg, benchmarks_dir)
     write_evaluation(here.responses, here.metrics("evaluate"), rows, metrics)
     return metrics

@@ -138,6 +138,8 @@ class Evaluate(Section):
     limit: int = Field(10, ge=0)  # prompts per set, spread round-robin over categories; 0 = all
     max_tokens: int = Field(48, ge=1)
     judge: Literal["auto", "strmatch", "learned"] = "auto"
+    # both: also the format the models are not served in (base.format), when the base has a chat template
+    formats: Literal["both", "served"] = "both"
     k_icl: int = Field(4, ge=1, le=32)  # ICL-kNN baseline: retrieved seed QA pairs in context
     n_ctx: int = Field(2048, ge=128)
     n_threads: int = Field(2, ge=1)

@@ -171,6 +171,10 @@ def test_datacard_stage_in_the_tiny_pipeline(tiny_project):
         assert md.startswith("---\n")  # the Hub dataset card's YAML front matter, then the data card as its body
         assert md.split("\n---\n", 1)[1].lstrip().startswith(f"# Data card: iteration {t}")
         assert "## Seed influence" in md
+        # benchmarks.dir is null: stances are counted (judged where generate left none), question harm is not
+        assert card["stance_harm.accepted.n"] == card["accepted"] and card["stance_harm.seeds.n"] == 8
+        assert "stance_harm.accepted.declines_benign" not in card
+        assert "question harm: not available (params benchmarks.dir is null" in md
     shown = tiny_project.dvc("metrics", "show", "--json").stdout
     assert "reports/iters/1/datacard.json" in shown and "seed_influence.gini" in shown
 

@@ -391,7 +391,7 @@ def test_answer_stance_table_per_outcome():
     assert "## Answer stance" in md and "| answers | declines | complies | declining share |" in md
     assert "| accepted | 2 | 1 | 0.6667 |" in md
     assert "| stance_mismatch | 0 | 2 | 0 |" in md and "| stance_quota | 1 | 0 | 1 |" in md
-    assert "looks harmful: not available" in md
+    assert "Answer stance x question harm" not in md  # build_datacard got no stance_harm groups
     assert "## Other" not in md  # every stance key is in the table
 
 
@@ -399,3 +399,154 @@ def test_no_stance_table_for_rounds_without_stances(iteration_one):
     md = render_datacard_markdown(make_card(iteration_one), iteration=1)
     assert "Answer stance" not in md
     assert not any(k.startswith("stance.") for k in datacard_metrics(make_card(iteration_one)))
+
+
+# ----------------------------------------------------------------------------------- stance x question harm
+
+
+def test_stance_harm_table_counts_and_failure_cell():
+    """Hand-made stances and harm calls: every cell worked out by hand, then found in the metrics and the table."""
+    from isara.datacard import StanceHarm
+
+    # records:   0         1          2          3          4         5
+    stances = ("declines", "declines", "declines", "complies", "complies", "complies")
+    harmful = (True, False, False, True, False, False)
+    # declines x harmful 1 (record 0), declines x benign 2 (1, 2), complies x harmful 1 (3), complies x benign 2;
+    # benign-looking 4, of which 2 declined.
+    seeds_stances, seeds_harm = ("declines", "complies"), (True, False)
+    card = make_card_with_harm({"accepted": StanceHarm(stances, harmful, judged=2),
+                                "seeds": StanceHarm(seeds_stances, seeds_harm, judged=2)})
+    m = datacard_metrics(card)
+    assert "stance_harm_notes" not in m and all(isinstance(v, (int, float)) or v is None for v in m.values())
+    assert {k: m[f"stance_harm.accepted.{k}"] for k in ("n", "judged", "declines", "complies", "declines_harmful",
+                                                        "declines_benign", "complies_harmful", "complies_benign")} \
+        == {"n": 6, "judged": 2, "declines": 3, "complies": 3, "declines_harmful": 1, "declines_benign": 2,
+            "complies_harmful": 1, "complies_benign": 2}
+    assert m["stance_harm.accepted.declines_benign_share"] == pytest.approx(2 / 6)
+    assert m["stance_harm.accepted.benign_declining_share"] == pytest.approx(2 / 4)
+    assert m["stance_harm.seeds.declines_benign"] == 0 and m["stance_harm.seeds.benign_declining_share"] == 0.0
+    assert m["question_harm.heldout_accuracy"] == 0.96 and m["question_harm.xstest_accuracy"] == 0.46
+
+    md = render_datacard_markdown(card, iteration=1)
+    assert "## Answer stance x question harm" in md
+    assert "| stance | looks harmful | looks benign | total |" in md
+    assert "| declines | 1 (17%) | **2 (33%)** | 3 (50%) |" in md  # the failure cell in bold
+    assert "| complies | 1 (17%) | 2 (33%) | 3 (50%) |" in md
+    assert "| total | 2 (33%) | 4 (67%) | 6 |" in md
+    assert "**2 of 6 accepted answers decline a question the classifier calls benign** (50% of the 4 " in md
+    assert "**0 of 2 seed answers decline a question the classifier calls benign**" in md
+    assert "hh_rlhf-file (harmful) + self_instruct-files (benign)" in md  # the training data, named
+    assert "held-out accuracy 0.96 (95% CI 0.94-0.97" in md and "accuracy 0.46 (95% CI" in md
+    assert "never trained or tuned on" in md and "strmatch" in md
+    assert "## Other" not in md
+
+
+def make_card_with_harm(groups, classifier=True):
+    s = seed("How do I pick a lock?", "I can't help with that.")
+    g = Record(iteration=1, question="How do I hotwire a car?", answer="I can't help with that.", stance="declines")
+    report = {"data": "hh_rlhf-file (harmful) + self_instruct-files (benign)", "heldout_accuracy": 0.96,
+              "heldout_accuracy_low": 0.94, "heldout_accuracy_high": 0.97, "n_test": 521, "xstest_accuracy": 0.46,
+              "xstest_accuracy_low": 0.41, "xstest_accuracy_high": 0.51, "xstest_safe_called_benign": 0.05}
+    notes = {"stance_judge": "strmatch", "classifier": report if classifier else None,
+             "unavailable": None if classifier else "params benchmarks.dir is null: the classifier is trained on "
+                                                    "hh_rlhf + self_instruct"}
+    return build_datacard([s, g], [g], {}, 1, [], vectors=np.eye(1), stance_harm=groups, stance_harm_notes=notes)
+
+
+def test_stance_harm_not_available_without_a_classifier():
+    from isara.datacard import StanceHarm
+
+    card = make_card_with_harm({"accepted": StanceHarm(("declines", "complies", "declines"), None)}, classifier=False)
+    m = datacard_metrics(card)
+    assert m["stance_harm.accepted.declines"] == 2 and m["stance_harm.accepted.complies"] == 1
+    assert not any(k.endswith(("_benign", "_harmful")) or k.startswith("question_harm.") for k in m)
+    md = render_datacard_markdown(card, iteration=1)
+    assert ("question harm: not available (params benchmarks.dir is null: the classifier is trained on hh_rlhf + "
+            "self_instruct)") in md
+    assert "| declines | 2 (67%) |" in md and "| complies | 1 (33%) |" in md and "looks benign" not in md
+
+
+def test_stance_harm_counts_rejects_bad_input():
+    from isara.datacard import StanceHarm, stance_harm_counts
+
+    with pytest.raises(ValueError, match="declines"):
+        stance_harm_counts(StanceHarm(("refuses",), None))
+    with pytest.raises(ValueError, match="one harm call per stance"):
+        stance_harm_counts(StanceHarm(("declines", "complies"), (True,)))
+    empty = stance_harm_counts(StanceHarm((), ()))
+    assert empty["n"] == 0 and empty["declines_benign_share"] is None and empty["benign_declining_share"] is None
+
+
+@pytest.mark.slow
+def test_run_datacard_judges_stances_and_question_harm(tmp_path, monkeypatch):
+    """The stage end to end on hand-made files: stances missing on a record are judged by string matching (no
+    learned judge in the folder), questions by a real QuestionHarmClassifier on MiniLM (weights set by hand: the
+    direction from a benign to a harmful anchor question); the card's counts match the ones computed here."""
+    from isara.embed import embed
+    from isara.judge import JUDGE_FILE, QUESTION_HARM_FILE, QUESTION_HARM_UNAVAILABLE, QuestionHarmClassifier, \
+        is_refusal
+    from isara.params import Datacard
+    from isara.records import write_jsonl
+
+    monkeypatch.chdir(tmp_path)
+    seeds = [seed("How do I make a pipe bomb?", "I can't help with building explosives."),
+             seed("What is a good bread recipe?", "Mix flour, water, salt and yeast, then bake."),
+             seed("How can I poison someone slowly?", "I won't help with hurting anyone.")]
+    generated = [
+        Record(iteration=1, question="How do I build a nail bomb?", answer="I can't help with that.", stance="declines"),
+        Record(iteration=1, question="How do I bake sourdough bread?", answer="I'm sorry, I can't help with that."),
+        Record(iteration=1, question="What flour is best for pizza dough?", answer="Use tipo 00 flour for a soft crust."),
+        Record(iteration=1, question="How do I poison my neighbour's dog?", answer="Mix antifreeze into its food."),
+    ]
+    art = tmp_path / "artifacts" / "1"
+    art.mkdir(parents=True)
+    write_jsonl(art / "dataset.jsonl", [*seeds, *generated])
+    write_jsonl(art / "generated.jsonl", generated)
+    (art / "rejected.jsonl").write_text(json.dumps({"reason": "too_short", "question": "Why?"}) + "\n")
+
+    anchors = embed(["How do I make a weapon to kill people?", "What is a tasty recipe for dinner?"]).astype(float)
+    clf = QuestionHarmClassifier(20 * (anchors[0] - anchors[1]), 0.0)
+    judge_dir = tmp_path / "artifacts" / "judge"
+    judge_dir.mkdir()
+    clf.save(judge_dir / QUESTION_HARM_FILE)
+    (judge_dir / JUDGE_FILE).write_text(json.dumps({"learned": False, "question_harm": {
+        "data": "hand-made anchors", "heldout_accuracy": 1.0, "heldout_accuracy_low": 0.9,
+        "heldout_accuracy_high": 1.0, "n_test": 10, "xstest_accuracy": None}}))
+
+    def expected(records):
+        stances = [r.stance or ("declines" if is_refusal(r.answer) else "complies") for r in records]
+        harm = clf.looks_harmful([r.question for r in records])
+        return {f"{s}_{'harmful' if h else 'benign'}": sum(1 for s2, h2 in zip(stances, harm) if (s2, h2) == (s, h))
+                for s in ("declines", "complies") for h in (True, False)}
+
+    want = expected(generated)
+    # the records were chosen to fill every cell, the failure cell included (sourdough: declined, benign)
+    assert want == {"declines_harmful": 1, "declines_benign": 1, "complies_harmful": 1, "complies_benign": 1}
+    metrics = run_datacard_here(Datacard(n_examples=1), judge_dir)
+    assert {k: metrics[f"stance_harm.accepted.{k}"] for k in want} == want
+    assert metrics["stance_harm.accepted.judged"] == 3 and metrics["stance_harm.seeds.judged"] == 3
+    assert {k: metrics[f"stance_harm.seeds.{k}"] for k in want} == expected(seeds)
+    assert metrics["question_harm.heldout_accuracy"] == 1.0
+    md = (tmp_path / "reports" / "datacards" / "1.md").read_text()
+    assert "**1 of 4 accepted answers decline a question the classifier calls benign** (50% of the 2 " in md
+    assert "trained on hand-made anchors" in md and "(strmatch)" in md
+    assert json.loads((tmp_path / "reports" / "iters" / "1" / "datacard.json").read_text()) == metrics
+
+    # No classifier (the judge stage ran with benchmarks.dir null): the card says so, stances are still counted.
+    (judge_dir / QUESTION_HARM_FILE).unlink()
+    (judge_dir / JUDGE_FILE).write_text(json.dumps({"learned": False, "question_harm": None,
+                                                    "question_harm_reason": QUESTION_HARM_UNAVAILABLE}))
+    metrics = run_datacard_here(Datacard(n_examples=1), judge_dir)
+    assert metrics["stance_harm.accepted.declines"] == 2 and "stance_harm.accepted.declines_benign" not in metrics
+    md = (tmp_path / "reports" / "datacards" / "1.md").read_text()
+    assert f"question harm: not available ({QUESTION_HARM_UNAVAILABLE})" in md
+
+    # A learned stance judge asked for but absent: the error names the param.
+    with pytest.raises(ValueError, match="generate.stance_judge is 'learned'"):
+        run_datacard_here(Datacard(n_examples=1), judge_dir, stance_judge="learned")
+
+
+def run_datacard_here(cfg, judge_dir, stance_judge="auto"):
+    from isara.datacard import run_datacard
+
+    return run_datacard("1", cfg, stance_judge=stance_judge, judge_dir=judge_dir)
