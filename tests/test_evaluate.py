@@ -266,4 +266,9 @@ def test_pipeline_evaluates_every_iteration_and_baseline(tiny_project):
     assert "harmful_rate" in tiny_project.json("reports/summary.json")
     icl = [json.loads(line) for line in (tiny_project.root / "artifacts/baselines/icl_knn/responses.jsonl")
            .read_text().splitlines()]
-    assert all(r["input"].count("Question:") == 3 for r in icl)  # k_icl=2 examples + the eval prompt
+    # k_icl=2 examples + the eval prompt: earlier user turns in the served chat format, Question blocks in bare
+    assert {r["format"] for r in icl} == {"chat", "bare"}
+    assert all(r["input"].count("<|im_start|>user\n") == 3 for r in icl if r["format"] == "chat")
+    assert all(r["input"].count("<|im_start|>assistant\n") == 3 for r in icl if r["format"] == "chat")
+    assert all(r["input"].count("Question:") == 3 for r in icl if r["format"] == "bare")
+    assert tiny_project.json("reports/baselines/icl_knn/evaluate.json")["format"] == "chat"
