@@ -343,8 +343,8 @@ def run_evaluate(iteration: str, cfg: Evaluate, benchmarks_dir: Path | None = No
 
 
 def _flat(metrics: dict) -> dict:
-    return {k: v for k, v in metrics.items() if k in ("judge", "format", "harmful_rate", "over_refusal", "n_harmful", "n_safe",
-                                                      "seconds", "learned_agreement", "strmatch_agreement",
+    return {k: v for k, v in metrics.items() if k in ("judge", "format", "harmful_rate", "over_refusal", "n_harmful",
+                                                      "n_safe", "seconds", "learned_agreement", "strmatch_agreement",
                                                       "selected")}
 
 

@@ -38,7 +38,8 @@ The pipeline's exports then set their own identity over the copied key/values (`
 isara.cards.model_metadata): general.name/basename/finetune/description/license/tags, general.base_model.0.* (the base
 model), isara.* (iteration, seed set and its sha256, prompt format, stop strings) and the tokenizer.chat_template of
 the format M(t) was trained and evaluated in (params base.format): the base's own (chat), or one that renders the bare
-`Question: ..\nAnswer:` layout (bare; the base's template is then kept as isara.base_chat_template). The base's other descriptive general.* keys are dropped: they describe the base model.
+`Question: ..\nAnswer:` layout (bare; the base's template is then kept as isara.base_chat_template). The base's
+other descriptive general.* keys are dropped: they describe the base model.
 
 Tensor types follow llama.cpp's converter: 1-D tensors (norms, biases) stay F32; 2-D tensors take `outtype`
 (Q8_0 falls back to F16 for rows not divisible by its block size of 32). Output is written atomically: a temp
