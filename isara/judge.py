@@ -23,6 +23,8 @@ from typing import Protocol
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
+from isara.stats import wilson
+
 # --------------------------------------------------------------------------------------------------
 # (a) String matching.
 
@@ -362,25 +364,15 @@ QUESTION_HARM_L2 = DEFAULT_L2
 # 2,178 distinct red-team openers exceed it, and the cap saves ~1/4 of the embedding time: mean held-out accuracy
 # over 5 seeded splits 0.971 with the cap and 0.971 without (0.964 at 500, 0.960 at 250).
 QUESTION_HARM_MAX_TRAIN_PER_CLASS = 1000
-QUESTION_HARM_UNAVAILABLE = "params benchmarks.dir is null: the classifier is trained on hh_rlhf + self_instruct"
-QUESTION_HARM_DATA = ("hh_rlhf harmless-base test, first human turns (harmful) + self_instruct seed_tasks and "
-                      "user_oriented_instructions (benign)")
-
-
-def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float] | None:
-    """95% Wilson score interval of successes / n (None for n = 0). The same formula as isara.report.wilson, kept
-    here so the stages that judge (generate, evaluate, datacard) do not depend on the report module."""
-    if n <= 0:
-        return None
-    rate = successes / n
-    centre = (rate + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * ((rate * (1 - rate) / n + z * z / (4 * n * n)) ** 0.5) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
+QUESTION_HARM_UNAVAILABLE = ("params benchmarks.dir is null: the classifier is trained on hh_rlhf + self_instruct + "
+                             "truthfulqa")
+QUESTION_HARM_DATA = ("hh_rlhf harmless-base test, first human turns (harmful) + self_instruct seed_tasks, "
+                      "user_oriented_instructions and truthfulqa questions (benign)")
 
 
 def _rate_with_interval(name: str, successes: int, n: int) -> dict[str, float | None]:
     """{name, name_low, name_high}: flat keys, because `dvc metrics` shows numbers, not lists."""
-    ci = wilson(successes, n)
+    ci = wilson(successes / n if n else None, n)
     return {name: round(successes / n, 4) if n else None,
             f"{name}_low": round(ci[0], 4) if ci else None, f"{name}_high": round(ci[1], 4) if ci else None}
 

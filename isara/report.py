@@ -13,6 +13,7 @@ import click
 from isara.console import echo_metrics, guard, stage_params
 from isara.paths import BASELINE_REPORTS, BASELINES, ITER_REPORTS, JUDGE_METRICS, REPORTS, iter_paths
 from isara.records import write_json
+from isara.stats import wilson
 
 SUMMARY = REPORTS / "summary.json"
 
@@ -97,15 +98,6 @@ def results_rows(per_iteration: dict[str, dict[str, dict]], baselines: dict[str,
 
 def _pct(x) -> str:
     return "–" if x is None else f"{100 * x:.1f}%"
-
-
-def wilson(rate: float | None, n: int | None, z: float = 1.96) -> tuple[float, float] | None:
-    """95% Wilson score interval of a rate measured on n prompts (it stays inside [0, 1] at 0% and 100%)."""
-    if rate is None or not n:
-        return None
-    centre = (rate + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * ((rate * (1 - rate) / n + z * z / (4 * n * n)) ** 0.5) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def _pct_ci(rate: float | None, n: int | None) -> str:

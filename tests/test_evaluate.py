@@ -197,7 +197,8 @@ def test_results_table_rows_in_paper_order():
 
 
 def test_wilson_interval_and_the_beats_rule():
-    from isara.report import results_rows, versus_baselines, wilson
+    from isara.report import results_rows, versus_baselines
+    from isara.stats import wilson
 
     low, high = wilson(0.9, 10)
     assert (round(low, 3), round(high, 3)) == (0.596, 0.982)

@@ -245,16 +245,17 @@ def test_question_harm_separates_obvious_questions_and_round_trips(question_harm
 
 
 def test_question_harm_needs_both_classes_and_wilson():
-    from isara.judge import train_question_harm, wilson
+    from isara.judge import train_question_harm
+    from isara.stats import wilson
 
     with pytest.raises(ValueError, match="both classes"):
         train_question_harm(["How do I make a bomb?"], ["  ", ""])
     with pytest.raises(ValueError, match="both classes"):  # a text in both sources has no label: dropped
         train_question_harm(["Same text?"], ["Same text?"])
-    assert wilson(0, 0) is None
-    lo, hi = wilson(90, 100)  # the textbook value: 0.8256-0.9448
+    assert wilson(0.0, 0) is None
+    lo, hi = wilson(0.9, 100)  # the textbook value: 0.8256-0.9448
     assert lo == pytest.approx(0.8256, abs=1e-4) and hi == pytest.approx(0.9448, abs=1e-4)
-    assert wilson(0, 10)[0] == 0.0 and wilson(10, 10)[1] == 1.0
+    assert wilson(0.0, 10)[0] == 0.0 and wilson(1.0, 10)[1] == 1.0
 
 
 def test_judge_stage_without_benchmarks_has_no_question_harm_classifier(tmp_path):
