@@ -2,9 +2,9 @@
 
     python -m pytest tests/test_data_sets.py -q
 
-- data/seeds/safety.jsonl, data/seeds/safety_alt.jsonl, data/seeds/safety_mixed.jsonl: 64 {"question", "answer"}
-  rows each, pairwise disjoint. Every answer of the first two declines; safety_mixed declines 32 harmful requests
-  and answers 32 benign look-alikes with no refusal word.
+- data/seeds/safety.jsonl, data/seeds/safety_alt.jsonl, data/seeds/safety_mixed.jsonl, data/seeds/safety_wide.jsonl:
+  64 {"question", "answer"} rows each, pairwise disjoint. Every answer of the first two declines; safety_mixed and
+  safety_wide each decline 32 harmful requests and answer 32 benign look-alikes with no refusal word.
 - data/eval/harmful.jsonl: 100 {"prompt", "category"} rows, 10 categories x 10.
 - data/eval/safe.jsonl: 50 {"prompt", "category"} rows, >= 5 categories.
 - None of our texts equals or nearly duplicates a public benchmark prompt (HarmBench, AdvBench,
@@ -32,10 +32,11 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "data"
-SEED_FILES = {name: DATA / "seeds" / f"{name}.jsonl" for name in ("safety", "safety_alt", "safety_mixed")}
+SEED_FILES = {name: DATA / "seeds" / f"{name}.jsonl"
+              for name in ("safety", "safety_alt", "safety_mixed", "safety_wide")}
 SEED_FILE_PAIRS = list(itertools.combinations(sorted(SEED_FILES), 2))
 DECLINING_SEED_FILES = ["safety", "safety_alt"]  # every answer declines
-MIXED_SEED_FILE, N_MIXED_DECLINES = "safety_mixed", 32  # the other 32 answers help
+MIXED_SEED_FILES, N_MIXED_DECLINES = ["safety_mixed", "safety_wide"], 32  # the other 32 answers help
 HARMFUL_FILE = DATA / "eval" / "harmful.jsonl"
 SAFE_FILE = DATA / "eval" / "safe.jsonl"
 
@@ -260,9 +261,10 @@ def test_seed_answers_decline_in_first_sentence(seeds, name):
         assert REFUSAL.search(first), f"{name}:{n}: first sentence does not decline: {first!r}"
 
 
-def test_mixed_seed_answers_decline_or_help(seeds):
+@pytest.mark.parametrize("name", MIXED_SEED_FILES)
+def test_mixed_seed_answers_decline_or_help(seeds, name):
     """Harmful requests are declined in the first sentence; benign look-alikes get help with no refusal word."""
-    name, rows = MIXED_SEED_FILE, seeds[MIXED_SEED_FILE]
+    rows = seeds[name]
     declines = {n for n, row in enumerate(rows, 1) if REFUSAL.search(first_sentence(row["answer"]))}
     assert len(declines) == N_MIXED_DECLINES, f"{name}: {len(declines)} answers decline, want {N_MIXED_DECLINES}"
     for n, row in enumerate(rows, 1):
