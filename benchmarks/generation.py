@@ -1,4 +1,4 @@
-"""Generation throughput: a plain sequential llama-cpp-python loop vs isara.batched.BatchedLlama.
+"""Generation throughput: the sequential llama-cpp-python engine vs isara.engines.batched.BatchedLlama.
 
     python benchmarks/generation.py --stage 24 --threads 2           # the generate stage itself, both engines
     python benchmarks/generation.py                                  # the engines on fixed request lists
@@ -19,7 +19,7 @@ between repeats, so machine load drifts hit all engines alike), with the same mo
 max_tokens. Each batched run starts with an empty prompt cache. Reported: medians over repeats of
 completion tokens/s and completions/s, and their ratio to the sequential loop; the CPU seconds of the
 process (on a shared machine wall time swings with other load; with 1 thread, CPU time is the work done);
-how many completions differ from the sequential loop's (expected: 0, see isara/batched.py); and the
+how many completions differ from the sequential loop's (expected: 0, see isara/engines/batched.py); and the
 resident memory after each run (the batched KV cache is allocated up front).
 
 Threads: llama.cpp's OpenMP threads spin while waiting; on a 2-core machine shared with other work,
@@ -44,12 +44,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from isara.base_models import base_model_path
-from isara.batched import BatchedLlama, SequentialLlama
+from isara.engines.batched import BatchedLlama
+from isara.engines.llama import SequentialEngine, open_llama
 from isara.generate import attempt_seed
-from isara.llm import open_llama
-from isara.params import Generate
+from isara.io import write_jsonl
+from isara.params import Engine, Generate
 from isara.prompts import ANSWER_STOP, QUESTION_STOP, answer_prompt, question_prompt
-from isara.records import Sampling, write_jsonl
+from isara.records import Sampling
 from isara.seeds import read_seed_file
 
 SEEDS = REPO / "data" / "seeds" / "safety.jsonl"
@@ -59,7 +60,7 @@ ITERATION = 1
 
 def build_requests(n_attempts: int, cfg: Generate, k: int) -> list[tuple[str, Sampling, list[str]]]:
     from isara.embed import embed
-    from isara.index import Retriever, build_index
+    from isara.retrieval import Retriever, build_index
 
     seeds = read_seed_file(SEEDS)
     new_questions = [r.question for r in read_seed_file(NEW_QUESTIONS)]
@@ -90,9 +91,11 @@ def build_requests(n_attempts: int, cfg: Generate, k: int) -> list[tuple[str, Sa
 
 def stage_comparison(n_samples: int, threads: int, model: Path) -> None:
     """generate_samples (the generate stage's loop: filters, embedding, duplicate checks, records) over the seeds
-    with generate.engine = sequential (one create_completion after another) and = batched, same params."""
-    from isara.generate import generate_samples, load_engine
-    from isara.index import Retriever, build_index
+    with engine.kind = sequential (one create_completion after another) and = batched, same params
+    (benchmarks/engines.py adds the server engine)."""
+    from isara.engines import open_engine
+    from isara.generate import generate_samples
+    from isara.retrieval import Retriever, build_index
 
     seeds = read_seed_file(SEEDS)
     rows = {}
@@ -101,12 +104,12 @@ def stage_comparison(n_samples: int, threads: int, model: Path) -> None:
         build_index(seeds, Path(tmp) / "index", n_trees=16, seed=0)
         retriever = Retriever.load(Path(tmp) / "index", Path(tmp) / "dataset.jsonl")
         for engine_name in ("sequential", "batched"):
-            cfg = Generate(n_samples=n_samples, max_attempts=8 * n_samples, n_threads=threads, engine=engine_name)
-            engine = load_engine(model, cfg.engine, cfg.batch_size, cfg.n_ctx, cfg.n_threads, cfg.seed, 0)
-            start, cpu_start = time.perf_counter(), time.process_time()
-            result = generate_samples(engine, "benchmark", retriever, ITERATION, cfg, progress=False)
-            rows[engine_name] = (time.perf_counter() - start, time.process_time() - cpu_start, result)
-            del engine
+            cfg = Generate(n_samples=n_samples, max_attempts=8 * n_samples)
+            params = Engine(kind=engine_name, n_threads=threads, n_gpu_layers=0)
+            with open_engine(model, params, cfg.seed) as engine:
+                start, cpu_start = time.perf_counter(), time.process_time()
+                result = generate_samples(engine, "benchmark", retriever, ITERATION, cfg, progress=False)
+                rows[engine_name] = (time.perf_counter() - start, time.process_time() - cpu_start, result)
     print(f"\ngenerate stage loop, {n_samples} samples from {len(seeds)} seeds, {threads} threads, model {model.name}")
     print("| engine | wall s | CPU s | attempts | accepted/s | completion tok/s | vs sequential (accepted/s) |")
     print("|---|---|---|---|---|---|---|")
@@ -165,7 +168,7 @@ def main() -> None:
 
     rows = []
     for threads in args.threads:
-        llm = open_llama(model, n_ctx=cfg.n_ctx, n_threads=threads, n_threads_batch=threads, seed=cfg.seed)
+        llm = open_llama(model, n_ctx=Engine().n_ctx, n_threads=threads, n_threads_batch=threads, seed=cfg.seed)
         prompt_lens = [len(llm.tokenize(p.encode("utf-8"), add_bos=False)) for p, _, _ in requests]
         n_ctx_seq = max(prompt_lens) + max(cfg.max_question_tokens, cfg.max_answer_tokens) + 8
         print(f"\nthreads {threads}: prompt tokens mean {statistics.mean(prompt_lens):.0f}, max {max(prompt_lens)}; "
@@ -184,8 +187,7 @@ def main() -> None:
             order = engines[rep % len(engines):] + engines[: rep % len(engines)]
             for name in order:
                 if name == "sequential":
-                    llm.reset()
-                    engine = SequentialLlama(llm)
+                    engine = SequentialEngine(llm)  # each completion from an empty KV cache
                 else:
                     width, _, cache = name.split("-")[1].partition("+cache")
                     engine = BatchedLlama(llm, n_seq_max=int(width), n_ctx_seq=n_ctx_seq, n_threads=threads,

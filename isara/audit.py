@@ -26,14 +26,12 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import click
 from pydantic import ValidationError
 
-from isara.console import guard, stage_params
 from isara.lineage import LineageError, seed_ancestors
 from isara.params import Iteration
 from isara.paths import REPORTS, IterPaths
-from isara.records import Record, file_sha256, write_json
+from isara.records import Record, file_sha256
 
 AUDIT_STAGE = "audit"  # its own outputs are being written while it runs: never audited
 AUDIT_METRICS = REPORTS / "audit.json"
@@ -319,28 +317,3 @@ def run_audit(root: str | Path, iterations: dict[str, Iteration]) -> AuditResult
     if broken_chains and not any("cites" in f for f in result.findings):
         result.findings.append(f"{broken_chains} generated record(s) have a chain that does not reach a seed")
     return result
-
-
-@click.command("audit")
-@click.option("--root", default=".", type=click.Path(file_okay=False, exists=True), show_default=True,
-              help="Project root: the folder holding dvc.yaml, dvc.lock and artifacts/.")
-@click.option("--metrics", "metrics_path", default=None, type=click.Path(dir_okay=False),
-              help=f"Also write the summary as JSON (the DVC stage writes {AUDIT_METRICS}).")
-def command(root: str, metrics_path: str | None) -> None:
-    """Verify artifacts against dvc.lock and every generated record's lineage; exit 1 naming each break."""
-    import os
-
-    from isara.params import load_params
-
-    if os.environ.get("DVC_STAGE"):
-        iterations = stage_params().iterations  # under dvc repro: only the declared sections
-    else:
-        iterations = guard(load_params, Path(root) / "params.yaml").iterations
-    result = guard(run_audit, root, iterations)
-    if metrics_path:
-        write_json(metrics_path, result.metrics())
-    if not result.ok:
-        for finding in result.findings:
-            click.echo(f"AUDIT FAIL: {finding}", err=True)
-        raise SystemExit(f"audit failed: {len(result.findings)} break(s) found")
-    click.echo(result.summary())

@@ -433,7 +433,7 @@ def load_eval_prompts(path: str | Path) -> list[EvalPrompt]:
 
 
 # --------------------------------------------------------------------------------------------------
-# The question-harm classifier's data (isara.judge.train_question_harm): which files, read together.
+# The question-harm classifier's data (isara.judges.train_question_harm): which files, read together.
 
 QUESTION_HARM_HARMFUL = (HH_RLHF_HARMLESS_TEST,)
 QUESTION_HARM_BENIGN = (SELF_INSTRUCT_SEED, SELF_INSTRUCT_USER)

@@ -1,17 +1,19 @@
-"""What every command shares: bad input becomes one clear message and exit code 1, never a traceback."""
+"""What every command shares: bad input becomes one clear message and exit code 1, never a traceback.
+
+No click here (cli.py is the only module that imports it): `guard` raises UserError, which cli.py's commands turn
+into click's "Error: <message>" and exit code 1.
+"""
 
 from __future__ import annotations
 
-import click
-
 from isara.params import DEFAULT_PARAMS, StageParams, load_params, load_stage_params
 
-EXPECTED_ERRORS = (ValueError, FileNotFoundError, LookupError)
+# ConnectionError: an LLM server that died or stopped answering (isara.engines.server.ServerError names it).
+EXPECTED_ERRORS = (ValueError, FileNotFoundError, LookupError, ConnectionError)
 
 
-class UserError(click.ClickException):
-    def format_message(self) -> str:
-        return self.message
+class UserError(Exception):
+    """Bad input, already explained by its message (naming the file, line or param): no traceback."""
 
 
 def guard(fn, *args, **kwargs):
@@ -33,8 +35,4 @@ def resolve_prev(iteration: str, prev: str | None) -> str:
 
 def echo_metrics(name: str, metrics: dict) -> None:
     flat = ", ".join(f"{k}={v}" for k, v in metrics.items() if not isinstance(v, (dict, list)))
-    click.echo(f"{name}: {flat}")
-
-
-iteration_argument = click.argument("iteration")
-prev_option = click.option("--prev", default=None, help="Iteration to start from (default: params iterations.<t>.prev).")
+    print(f"{name}: {flat}", flush=True)

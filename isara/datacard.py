@@ -13,7 +13,7 @@ and experiments:
   (the out-of-domain flag);
 - lengths of questions and answers;
 - answer stance x question harm: how often an accepted answer declines a question that a classifier trained on
-  public data (isara.judge, question-harm section) calls benign, the over-refusal ISARA can teach itself.
+  public data (isara.judges, question-harm section) calls benign, the over-refusal ISARA can teach itself.
 
 Everything here is a pure function of records, texts or vectors; only `build_datacard` (when it is not handed
 vectors) and the stage itself, `run_datacard`, embed. `build_datacard` returns flat dotted numeric keys (what `dvc metrics`
@@ -30,14 +30,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Literal, Sequence
 
-import click
 import numpy as np
 
-from isara.console import guard, iteration_argument, stage_params
 from isara.filters import FAR_QUANTILE, seed_far_distance, stance_of  # noqa: F401 (re-exported)
+from isara.io import atomic_write_text, write_json
 from isara.params import Datacard
 from isara.paths import JUDGE, iter_paths
-from isara.records import Record, atomic_write_text, read_records, write_json
+from isara.records import Record, read_records
+from isara.text import words  # the one word definition: distinct-n and the word counts
 
 EXAMPLES_KEY = "examples"
 # What the card says about the stance judge and the question-harm classifier (names, data, or why there is none):
@@ -54,18 +54,6 @@ DEFAULT_FAR_DISTANCE = 1.0
 # datacard.far_distance null: "far" = beyond the FAR_QUANTILE (0.95) of the seeds' own nearest-other-seed
 # distances, i.e. a new question lies farther from the data than 95% of the seeds lie from each other. The same
 # function gives generate's out-of-domain filter its default threshold (isara.filters.seed_far_distance).
-
-_WORD = re.compile(r"\w+(?:'\w+)*")
-
-
-def words(text: str) -> list[str]:
-    """Lowercase word tokens: runs of letters/digits/underscore, with inner apostrophes kept ("don't").
-
-    Punctuation and whitespace separate tokens and are dropped. The same tokenizer serves distinct-n
-    and the word counts of `length_stats`.
-    """
-    return _WORD.findall(text.lower())
-
 
 # ---------------------------------------------------------------------------------------------- diversity
 
@@ -659,8 +647,8 @@ def render_datacard_markdown(card: dict[str, Any], iteration: int) -> str:
 
 
 def judge_stance_harm(records: Sequence[Record], vectors: np.ndarray, stance_judge, classifier) -> StanceHarm:
-    """Each record's stance (its own label, else `stance_judge`'s verdict: an isara.judge.StanceJudge) and, with a
-    classifier (isara.judge.QuestionHarmClassifier), whether its question looks harmful; `vectors`: the questions'
+    """Each record's stance (its own label, else `stance_judge`'s verdict: an isara.judges.StanceJudge) and, with a
+    classifier (isara.judges.QuestionHarmClassifier), whether its question looks harmful; `vectors`: the questions'
     embeddings, one row per record."""
     missing = [i for i, r in enumerate(records) if r.stance is None]
     verdicts = stance_judge.declines([records[i].question for i in missing], [records[i].answer for i in missing])
@@ -683,7 +671,7 @@ def run_datacard(iteration: str, cfg: Datacard, seeds=None, base=None, stance_ju
     `stance_judge` (generate.stance_judge) selects, for records without a stance, and the question-harm classifier.
     """
     from isara.embed import embed
-    from isara.judge import StanceJudge, read_question_harm
+    from isara.judges import StanceJudge, read_question_harm
 
     here = iter_paths(iteration)
     dataset = read_records(here.dataset)
@@ -719,14 +707,3 @@ def run_datacard(iteration: str, cfg: Datacard, seeds=None, base=None, stance_ju
                                     generator_sha256=sorted({r.model_sha256 for r in generated if r.model_sha256}))
     atomic_write_text(here.datacard, head + render_datacard_markdown(card, int(iteration)))
     return metrics
-
-
-@click.command("datacard")
-@iteration_argument
-def command(iteration: str) -> None:
-    """datacard@ITERATION: the data card of iteration t: volume, rejections, diversity, seed influence,
-    retrieval distances, lengths and examples (reports/datacards/<t>.md, figures in reports/iters/<t>)."""
-    p = stage_params()
-    m = guard(run_datacard, iteration, p.datacard, p.seeds, p.base, stance_judge=p.generate.stance_judge)
-    keys = ("accepted", "attempted", "diversity.near_duplicate_rate", "seed_influence.gini", "retrieval.far_share")
-    click.echo(f"datacard@{iteration}: " + ", ".join(f"{k}={m.get(k)}" for k in keys))

@@ -1,14 +1,13 @@
 """evaluate stage: does M(t) refuse harmful prompts without refusing safe ones? (DESIGN.md §5)
 
     isara evaluate 2            # = dvc repro evaluate@2: artifacts/2/model.gguf on params `evaluate`
-    isara judge                 # = dvc repro judge: the learned refusal judge, trained on XSTest's labels
 
 Every eval prompt is answered greedily (temperature 0, `evaluate.max_tokens`) with no examples in context (ISARA's
 claim is that the fine-tuned model refuses on its own), in the prompt format the model is served in (params
 base.format: the base's chat template, or the bare layout `Question: <prompt>\\nAnswer:`; isara.prompts.PromptFormat)
 and, when the base has a chat template, in the other format too: the headline numbers are the served format's,
-`by_format` holds both. Each response is judged by string matching (isara.judge.is_refusal) and,
-when the judge stage trained one, by the learned judge; the headline numbers use `evaluate.judge` ("auto": the
+`by_format` holds both. Each response is judged by string matching (isara.judges.is_refusal) and, when the judge
+stage (isara/judge.py) trained one, by the learned judge; the headline numbers use `evaluate.judge` ("auto": the
 judge with the better held-out agreement with XSTest's human labels). Metrics:
 
 - harmful_rate: share of harmful prompts complied with (= not refused), overall and per category;
@@ -18,7 +17,7 @@ An empty response (the model ends its text at once, as the base model often does
 nothing, so both judges count it as a refusal; `empty_responses` reports how many there were per set.
 
 The raw responses (artifacts/<t>/responses.jsonl, one row per prompt with both judges' verdicts) are a cached
-output, so anyone can re-judge them without regenerating. The baselines (isara/baseline.py) share this code.
+output, so anyone can re-judge them without regenerating. The baselines (isara/baseline.py) call run_evaluate too.
 """
 
 from __future__ import annotations
@@ -29,14 +28,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import click
-
-from isara.console import echo_metrics, guard, stage_params
-from isara.judge import JUDGE_FILE, LEARNED_FILE  # the judge stage's files (generate reads them too)
-from isara.params import Evaluate, Judge
-from isara.paths import JUDGE, JUDGE_METRICS, iter_paths
+from isara.engines import open_engine
+from isara.io import write_json, write_jsonl
+from isara.params import Engine as EngineParams
+from isara.params import Evaluate
+from isara.paths import JUDGE, IterPaths, iter_paths
 from isara.prompts import BARE, CHAT, PromptFormat
-from isara.records import Sampling, file_sha256, write_json, write_jsonl
+from isara.records import Sampling, file_sha256
 
 HARMFUL, SAFE = "harmful", "safe"
 
@@ -149,11 +147,11 @@ class Judges:
     whose verdicts give harmful_rate / over_refusal."""
 
     headline: str
-    learned: object | None = None  # isara.judge.LearnedJudge
+    learned: object | None = None  # isara.judges.LearnedJudge
     agreement: dict | None = None  # held-out agreement with XSTest's human labels, per judge
 
     def verdicts(self, prompts: Sequence[str], responses: Sequence[str]) -> dict[str, list[bool]]:
-        from isara.judge import is_refusal
+        from isara.judges import is_refusal
 
         out = {"strmatch": [is_refusal(r) for r in responses]}
         if self.learned is not None:
@@ -163,54 +161,11 @@ class Judges:
 
 def load_judges(choice: str, judge_dir: Path = JUDGE) -> Judges:
     """Pick the headline judge: `strmatch`, `learned` (must exist), or `auto` (better held-out agreement)."""
-    from isara.judge import read_judge_dir, select_judge
+    from isara.judges import read_judge_dir, select_judge
 
     learned, agreement = read_judge_dir(judge_dir)
     choice = select_judge(choice, learned, agreement, judge_dir)
     return Judges(choice, learned, agreement)
-
-
-def run_judge(cfg: Judge, benchmarks_dir: Path | None, out_dir: Path = JUDGE,
-              metrics_path: Path = JUDGE_METRICS) -> dict:
-    """judge stage: train the learned judge on XSTest's human-labelled completions (under `benchmarks.dir`),
-    held out by prompt, and record its agreement next to string matching's on the same held-out rows.
-    Without benchmark data, string matching judges everything, and the metrics say why.
-    It also trains the data card's question-harm classifier (isara.judge.fit_question_harm), under `question_harm`."""
-    import shutil
-
-    from isara.benchmarks import (
-        XSTEST_COMPLETIONS,
-        load_question_harm_data,
-        load_xstest_completions,
-        pipeline_benchmark_path,
-    )
-    from isara.judge import fit_question_harm, train_learned_judge
-
-    start = time.perf_counter()
-    files = [pipeline_benchmark_path(rel, benchmarks_dir) for rel in XSTEST_COMPLETIONS]  # errors before any write
-    harm_data = load_question_harm_data(benchmarks_dir)
-    out_dir = Path(out_dir)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    out_dir.mkdir(parents=True)
-    if benchmarks_dir is None:
-        click.echo("judge: no benchmark data (params benchmarks.dir is null): string matching judges every response")
-        info = {"learned": False}
-        metrics = {"learned": False, "selected": "strmatch", "data": None}
-    else:
-        rows = [r for path in files for r in load_xstest_completions(path)]
-        judge, report = train_learned_judge(rows, seed=cfg.seed, test_fraction=cfg.test_fraction)
-        judge.save(out_dir / LEARNED_FILE)
-        info = {"learned": True, **report.model_dump(mode="json")}
-        metrics = {"learned": True, **{k: v for k, v in info.items() if k not in ("learned", "test_prompt_ids")}}
-        metrics["selected"] = "learned" if report.learned_agreement > report.strmatch_agreement else "strmatch"
-        metrics["data"] = f"{benchmarks_dir}/xstest"  # as params.yaml names it
-    harm = fit_question_harm(harm_data, out_dir, seed=cfg.seed, test_fraction=cfg.test_fraction)
-    info.update(harm)
-    metrics.update(harm)
-    write_json(out_dir / JUDGE_FILE, info)
-    metrics["seconds"] = round(time.perf_counter() - start, 2)
-    write_json(metrics_path, metrics)
-    return metrics
 
 
 # ----------------------------------------------------------------------------------------------- answering
@@ -225,11 +180,11 @@ def first_paragraph(text: str) -> str:
 def answer_all(engine, prompts: Sequence[str], max_tokens: int, stop: list[str], progress: bool = True,
                desc: str = "evaluate") -> list[tuple[str, str, int]]:
     """Greedy completions (text, finish_reason, completion tokens) of already-rendered prompts (`engine`:
-    isara.generate.load_engine's), a few batches' worth at a time so the progress bar moves."""
+    isara.engines.open_engine's), a few batches' worth at a time so the progress bar moves."""
     from tqdm import tqdm
 
     greedy = Sampling(temperature=0.0, top_p=1.0, max_tokens=max_tokens, seed=0)
-    step = 2 * getattr(engine, "n_seq_max", 1)
+    step = 2 * getattr(engine, "width", 1)
     outs = []
     with tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not progress) as bar:
         for i in range(0, len(prompts), step):
@@ -286,32 +241,31 @@ def safety_metrics(rows: Sequence[dict], headline: str) -> dict:
 
 def evaluate_model(model_path: Path, items: Sequence[EvalItem], cfg: Evaluate, judges: Judges,
                    formats: Sequence[PromptFormat] = (PromptFormat(BARE),),
-                   examples: Callable[[str], list] | None = None, progress: bool = True) -> tuple[list[dict], dict]:
+                   examples: Callable[[str], list] | None = None, progress: bool = True,
+                   engine_params: EngineParams | None = None) -> tuple[list[dict], dict]:
     """Answer every item with the model at `model_path` in each of `formats`, judge, and return (rows, metrics).
 
     The headline metrics are those of formats[0] (the served format); `by_format` has every format's. `examples`
-    gives the QA pairs to put before a prompt, in order (the ICL-kNN baseline); none by default.
+    gives the QA pairs to put before a prompt, in order (the ICL-kNN baseline); none by default. `engine_params`:
+    params `engine`, the LLM backend (default: in-process sequential).
     """
-    from isara.generate import load_engine
-
     start = time.perf_counter()
-    engine = load_engine(model_path, cfg.engine, cfg.batch_size, cfg.n_ctx, cfg.n_threads, 0, cfg.n_gpu_layers)
     shots = {it.prompt: examples(it.prompt) for it in items} if examples is not None else {}
     rows: list[dict] = []
     by_format: dict[str, dict] = {}
-    for fmt in formats:
-        rendered = [fmt.prompt(it.prompt, shots.get(it.prompt, ())) for it in items]
-        outs = answer_all(engine, rendered, cfg.max_tokens, fmt.stop, progress, desc=f"evaluate ({fmt.name})")
-        responses = [first_paragraph(text) for text, _, _ in outs]
-        verdicts = judges.verdicts([it.prompt for it in items], responses)
-        fmt_rows = [{**asdict(it), "format": fmt.name, "input": rendered[i], "response": responses[i],
-                     "raw_response": text, "finish_reason": finish, "completion_tokens": n_tok,
-                     # an empty response (immediate end of text) answers nothing: it counts as a refusal
-                     "refusal": {j: bool(v[i]) or not responses[i] for j, v in verdicts.items()}}
-                    for i, (it, (text, finish, n_tok)) in enumerate(zip(items, outs))]
-        by_format[fmt.name] = safety_metrics(fmt_rows, judges.headline)
-        rows += fmt_rows
-    del engine
+    with open_engine(model_path, engine_params, seed=0) as engine:
+        for fmt in formats:
+            rendered = [fmt.prompt(it.prompt, shots.get(it.prompt, ())) for it in items]
+            outs = answer_all(engine, rendered, cfg.max_tokens, fmt.stop, progress, desc=f"evaluate ({fmt.name})")
+            responses = [first_paragraph(text) for text, _, _ in outs]
+            verdicts = judges.verdicts([it.prompt for it in items], responses)
+            fmt_rows = [{**asdict(it), "format": fmt.name, "input": rendered[i], "response": responses[i],
+                         "raw_response": text, "finish_reason": finish, "completion_tokens": n_tok,
+                         # an empty response (immediate end of text) answers nothing: it counts as a refusal
+                         "refusal": {j: bool(v[i]) or not responses[i] for j, v in verdicts.items()}}
+                        for i, (it, (text, finish, n_tok)) in enumerate(zip(items, outs))]
+            by_format[fmt.name] = safety_metrics(fmt_rows, judges.headline)
+            rows += fmt_rows
     metrics = {**by_format[formats[0].name], "format": formats[0].name,
                "by_format": {name: {k: m[k] for k in ("harmful_rate", "over_refusal", "by_judge", "empty_responses")}
                              for name, m in by_format.items()}}
@@ -332,33 +286,21 @@ def write_evaluation(responses_path: Path, metrics_path: Path, rows: list[dict],
 
 
 def run_evaluate(iteration: str, cfg: Evaluate, benchmarks_dir: Path | None = None, progress: bool = True,
-                 base_format: str = "auto") -> dict:
-    here = iter_paths(iteration)
+                 base_format: str = "auto", model: Path | None = None, out: IterPaths | None = None,
+                 examples: Callable[[str], list] | None = None, engine_params: EngineParams | None = None) -> dict:
+    """evaluate@t: artifacts/<t>/model.gguf answers the eval prompts -> artifacts/<t>/responses.jsonl + metrics.
+
+    The baselines are evaluated by this same function (isara.baseline.run_baseline): `model` and `out` name their
+    model and folders (default: iteration t's), `examples` the in-context QA pairs put before each prompt (the
+    ICL-kNN baseline; evaluate.k_icl of them, recorded as `k_icl`)."""
+    here = out or iter_paths(iteration)
+    model = Path(model) if model is not None else here.gguf
     judges = load_judges(cfg.judge)
-    rows, metrics = evaluate_model(here.gguf, load_eval_items(cfg, benchmarks_dir), cfg, judges,
-                                   eval_formats(here.gguf, base_format, cfg.formats == "both"), progress=progress)
+    rows, metrics = evaluate_model(model, load_eval_items(cfg, benchmarks_dir), cfg, judges,
+                                   eval_formats(model, base_format, cfg.formats == "both"), examples,
+                                   progress=progress, engine_params=engine_params)
     metrics["prompts"] = eval_sources(cfg, benchmarks_dir)
+    if examples is not None:
+        metrics["k_icl"] = cfg.k_icl
     write_evaluation(here.responses, here.metrics("evaluate"), rows, metrics)
     return metrics
-
-
-def _flat(metrics: dict) -> dict:
-    return {k: v for k, v in metrics.items() if k in ("judge", "format", "harmful_rate", "over_refusal", "n_harmful",
-                                                      "n_safe", "seconds", "learned_agreement", "strmatch_agreement",
-                                                      "selected")}
-
-
-@click.command("evaluate")
-@click.argument("iteration")
-def command(iteration: str) -> None:
-    """evaluate@ITERATION: harmful rate and over-refusal of artifacts/<t>/model.gguf (params `evaluate`)."""
-    p = stage_params()
-    echo_metrics(f"evaluate@{iteration}", _flat(guard(run_evaluate, iteration, p.evaluate, p.benchmarks.dir,
-                                                      base_format=p.base.format)))
-
-
-@click.command("judge")
-def judge_command() -> None:
-    """judge stage: train the learned refusal judge on XSTest's human labels (params `judge`)."""
-    p = stage_params()
-    echo_metrics("judge", _flat(guard(run_judge, p.judge, p.benchmarks.dir)))

@@ -15,18 +15,12 @@ Besides the text and duplicate filters, the three filters of issue 10 (params `g
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Sequence
 
 import numpy as np
 
 from isara.params import Generate
-
-_WORD = re.compile(r"\w+")
-
-
-def words(text: str) -> list[str]:
-    return _WORD.findall(text.lower())
+from isara.text import normalise, words  # the one word definition (isara.text), shared with seeds and the data card
 
 
 def repeated_ngram_share(text: str, n: int = 3) -> float:
@@ -81,10 +75,6 @@ def text_reason(question: str, answer: str | None, cfg: Generate) -> str | None:
     if repeated_ngram_share(answer) > cfg.max_repeated_ngram_share:
         return "repetition_answer"
     return None
-
-
-def normalise(text: str) -> str:
-    return " ".join(words(text))
 
 
 def duplicate_reason(

@@ -14,23 +14,15 @@ import shutil
 import time
 from pathlib import Path
 
-import click
 import torch
 from tqdm import tqdm
 
-from isara.console import (
-    echo_metrics,
-    guard,
-    iteration_argument,
-    prev_option,
-    resolve_prev,
-    stage_params,
-)
-from isara.export import TEMPLATE_FILE
+from isara.gguf import TEMPLATE_FILE
+from isara.io import atomic_directory, write_json
 from isara.params import Finetune, ParamsError
-from isara.paths import iter_paths
+from isara.paths import IterPaths, iter_paths
 from isara.prompts import BARE, PromptFormat
-from isara.records import Record, atomic_directory, read_records, write_json
+from isara.records import Record, read_records
 
 IGNORE = -100  # label id that transformers' causal-LM loss skips
 
@@ -216,20 +208,18 @@ def save_checkpoint(model, tokenizer, out_dir: Path, carry: list[Path] = ()) -> 
             shutil.copyfile(path, tmp / path.name)
 
 
-def run_finetune(iteration: str, prev: str, cfg: Finetune, progress: bool = True, base_format: str = "auto") -> dict:
+def run_finetune(iteration: str, prev: str, cfg: Finetune, progress: bool = True, base_format: str = "auto",
+                 out: IterPaths | None = None, dataset: Path | None = None) -> dict:
+    """finetune@t: M(prev) (or M0, finetune.init) trained on D(t) -> artifacts/<t>/hf, with DVCLive loss curves.
+
+    The fine-tuned baselines (isara.baseline) train this same way: `out` names their folders (checkpoint and
+    metrics, which then also record `dataset_size`; no DVCLive curves) and `dataset` the records they train on."""
     here = iter_paths(iteration)
     start_from = iter_paths(prev if cfg.init == "previous" else "0").hf
-    metrics = train(start_from, read_records(here.dataset), here.hf, cfg, here.train_log, progress,
+    records = read_records(dataset if dataset is not None else here.dataset)
+    metrics = train(start_from, records, (out or here).hf, cfg, here.train_log if out is None else None, progress,
                     train_format(start_from, base_format))
-    write_json(here.metrics("finetune"), metrics)
+    if out is not None:
+        metrics["dataset_size"] = len(records)
+    write_json((out or here).metrics("finetune"), metrics)
     return metrics
-
-
-@click.command("finetune")
-@iteration_argument
-@prev_option
-def command(iteration: str, prev: str | None) -> None:
-    """finetune@ITERATION: SFT of M(prev) (or M0, finetune.init) on D(t), loss on answer tokens only."""
-    p = stage_params()
-    echo_metrics(f"finetune@{iteration}", guard(run_finetune, iteration, resolve_prev(iteration, prev), p.finetune,
-                                                 base_format=p.base.format))

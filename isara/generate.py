@@ -15,9 +15,12 @@ model, no instruction); each is a param, and `Levers` holds what they need, prep
 - stance_quota (generate.stance_band): each round's declining share stays within D0's share +- the band.
 Every accepted record carries its stance (Record.stance); rejections carry their distance or stances.
 
-With generate.engine: batched, attempts run generate.batch_size at a time through isara.batched (several
-sequences per llama_decode) and are decided one by one in order afterwards (run_attempts), so the records are
-those of the one-by-one loop (engine: sequential, the default); tests/test_generate.py compares them byte for byte.
+The completions come from the engine params `engine` choose (isara.engines). An engine that works on several
+requests at once (engine.kind batched: batch_size sequences per llama_decode; server: a server's parallel slots)
+gets its `width` of attempts per round, which are decided one by one in order afterwards (run_attempts), so the
+records are those of the one-by-one loop whenever the engine returns the same completions (batched does, as
+llama-cpp-python's server that isara starts does; tests/test_generate.py compares them byte for byte). Records
+from a server name it (Record.backend).
 """
 
 from __future__ import annotations
@@ -31,19 +34,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import click
 import numpy as np
 from tqdm import tqdm
 
-from isara.console import (
-    echo_metrics,
-    guard,
-    iteration_argument,
-    prev_option,
-    resolve_prev,
-    stage_params,
-)
 from isara.embed import embed
+from isara.engines import open_engine
 from isara.filters import (
     domain_reason,
     duplicate_reason,
@@ -56,34 +51,21 @@ from isara.filters import (
     stance_quotas,
     text_reason,
 )
-from isara.index import Retriever
-from isara.judge import StanceJudge
+from isara.io import write_json, write_jsonl
+from isara.judges import StanceJudge
+from isara.params import Engine as EngineParams
 from isara.params import Generate, ParamsError
-from isara.paths import CHECKPOINTS, JUDGE, iter_paths
+from isara.paths import CHECKPOINTS, JUDGE, IterPaths, iter_paths
 from isara.prompts import ANSWER_STOP, QUESTION_STOP, answer_prompt, question_prompt
 from isara.records import (
+    Backend,
     Neighbour,
     Record,
     Sampling,
     file_sha256,
     read_records,
-    write_json,
-    write_jsonl,
 )
-
-
-def offload(n_gpu_layers: int) -> int:
-    """Layers to put on a GPU: the param where llama-cpp-python was built with GPU support, else none."""
-    from llama_cpp import llama_supports_gpu_offload
-
-    return n_gpu_layers if llama_supports_gpu_offload() else 0
-
-
-def load_llama(model_path: Path, n_ctx: int, n_threads: int, seed: int, n_gpu_layers: int = 0):
-    from isara.llm import open_llama
-
-    return open_llama(model_path, n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads,
-                      n_gpu_layers=offload(n_gpu_layers), seed=seed)
+from isara.retrieval import Retriever
 
 
 def attempt_seed(base_seed: int, iteration: int, attempt: int, part: int) -> int:
@@ -211,39 +193,6 @@ class KnownQuestions:
         return duplicate_reason(question, vector, self.questions, self.normalised, self.vectors, cfg)
 
 
-def complete(llm, prompt: str, sampling: Sampling, stop: list[str]) -> tuple[str, str, int]:
-    # Start from an empty KV cache: llama-cpp-python would otherwise reuse a matching prompt prefix from the
-    # previous call, and the result of a completion would depend on what ran before it (breaking resume).
-    llm.reset()
-    out = llm.create_completion(prompt, max_tokens=sampling.max_tokens, temperature=sampling.temperature,
-                                top_p=sampling.top_p, seed=sampling.seed, stop=stop)
-    choice = out["choices"][0]
-    return choice["text"], choice["finish_reason"], out["usage"]["completion_tokens"]
-
-
-class ResettingLlama:
-    """The sequential engine: one `complete` (empty KV cache first) per request, behind `complete_many`."""
-
-    def __init__(self, llm):
-        self.llm = llm
-
-    def complete_many(self, requests):
-        return [complete(self.llm, prompt, sampling, stop) for prompt, sampling, stop in requests]
-
-
-def load_engine(model_path: Path, engine: str, batch_size: int, n_ctx: int, n_threads: int, seed: int,
-                n_gpu_layers: int):
-    """"sequential": one create_completion after another; "batched": batch_size sequences per llama_decode
-    (isara.batched), the same completions. On 2 CPU threads batched measured 0.83x the sequential speed
-    (benchmarks/README.md), so sequential is the default; batched is there for wider machines and GPUs."""
-    if engine == "sequential":
-        return ResettingLlama(load_llama(model_path, n_ctx, n_threads, seed, n_gpu_layers))
-    from isara.batched import BatchedLlama
-
-    return BatchedLlama.load(model_path, n_seq_max=batch_size, n_ctx_seq=n_ctx, n_threads=n_threads, seed=seed,
-                             n_gpu_layers=offload(n_gpu_layers))
-
-
 def run_attempts(engine, model_sha256: str, retriever: Retriever, known: KnownQuestions, iteration: int,
                  first: int, anchors: list[int], cfg: Generate, levers: Levers | None = None):
     """Dual-stage attempts first, first+1, ... (one per anchor): all questions in one batch, then the answers
@@ -310,7 +259,7 @@ def run_attempts(engine, model_sha256: str, retriever: Retriever, known: KnownQu
             question_context=[Neighbour(id=r.id, distance=d) for r, d in q_neighbours[i]],
             answer_context=[Neighbour(id=r.id, distance=d) for r, d in a_neighbours[i]],
             model_sha256=model_sha256, question_sampling=q_sampling[i], answer_sampling=a_sampling[i],
-            raw_question=raw_q, raw_answer=raw_a, stance=stance,
+            raw_question=raw_q, raw_answer=raw_a, stance=stance, backend=getattr(engine, "backend", None),
         )
         yield Outcome(first + i, tokens, record=record, vector=[float(x) for x in vector])
 
@@ -380,7 +329,7 @@ def generate_samples(engine, model_sha256: str, retriever: Retriever, iteration:
     result.resumed_attempts = result.attempted
     start = time.perf_counter()
     while len(result.accepted) < cfg.n_samples and result.attempted < cfg.max_attempts:
-        width = 1 if cfg.engine == "sequential" else min(cfg.batch_size, cfg.max_attempts - result.attempted)
+        width = min(getattr(engine, "width", 1), cfg.max_attempts - result.attempted)  # attempts this round
         anchors = [int(rng.integers(len(retriever.records))) for _ in range(width)]
         for outcome in run_attempts(engine, model_sha256, retriever, known, iteration, result.attempted, anchors, cfg,
                                     levers):
@@ -416,9 +365,12 @@ def generation_metrics(result: GenerationResult, cfg: Generate, prev_size: int) 
 
 
 def checkpoint_path(iteration: str, cfg: Generate, model_sha: str, dataset: Path, index_dir: Path,
-                    levers: Levers | None = None) -> Path:
+                    levers: Levers | None = None, backend: Backend | None = None) -> Path:
+    """backend: the engine's (a server's; None in process, whose engines all return the same completions)."""
     h = hashlib.sha256()
     h.update(cfg.model_dump_json().encode())
+    if backend is not None:
+        h.update(backend.model_dump_json().encode())
     if levers is not None and levers.fingerprint():
         h.update(levers.fingerprint().encode())
     h.update(model_sha.encode())
@@ -436,29 +388,27 @@ def check_k(cfg: Generate, n_records: int, dataset: Path) -> None:
                               f"({n_records} records in {dataset})")
 
 
-def run_generate(iteration: str, prev: str, cfg: Generate, progress: bool = True) -> dict:
+def run_generate(iteration: str, prev: str, cfg: Generate, progress: bool = True, out: IterPaths | None = None,
+                 engine_params: EngineParams | None = None) -> dict:
+    """generate@t: M(prev) and index@t over D(prev) -> D(t) = D(prev) + the accepted records.
+
+    `out`: where the records, the metrics and the attempt log's name go (default: iteration t's). The one-shot
+    baseline (isara.baseline.run_one_shot) is this same round from M0, in artifacts/baselines/one_shot."""
     here, before = iter_paths(iteration), iter_paths(prev)
+    out = out or here
     retriever = Retriever.load(here.index, before.dataset)
     check_k(cfg, len(retriever.records), before.dataset)
     previous = read_records(before.dataset)
     model_sha = file_sha256(before.gguf)
     levers = prepare_levers(cfg, retriever)
-    checkpoint = Checkpoint(checkpoint_path(iteration, cfg, model_sha, before.dataset, here.index, levers))
-    engine = load_engine(before.gguf, cfg.engine, cfg.batch_size, cfg.n_ctx, cfg.n_threads, cfg.seed, cfg.n_gpu_layers)
-    result = generate_samples(engine, model_sha, retriever, int(iteration), cfg, progress, checkpoint, levers)
-    write_jsonl(here.generated, result.accepted)
-    write_jsonl(here.rejected, result.rejected)
-    write_jsonl(here.dataset, [*previous, *result.accepted])
+    with open_engine(before.gguf, engine_params, cfg.seed) as engine:
+        checkpoint = Checkpoint(checkpoint_path(out.iteration, cfg, model_sha, before.dataset, here.index, levers,
+                                                engine.backend))
+        result = generate_samples(engine, model_sha, retriever, int(iteration), cfg, progress, checkpoint, levers)
+    write_jsonl(out.generated, result.accepted)
+    write_jsonl(out.rejected, result.rejected)
+    write_jsonl(out.dataset, [*previous, *result.accepted])
     metrics = generation_metrics(result, cfg, len(previous))
-    write_json(here.metrics("generate"), metrics)
+    write_json(out.metrics("generate"), metrics)
     checkpoint.remove()  # only once every output is written
     return metrics
-
-
-@click.command("generate")
-@iteration_argument
-@prev_option
-def command(iteration: str, prev: str | None) -> None:
-    """generate@ITERATION: M(prev) writes new QA pairs by retrieval-augmented ICL; D(t) = D(prev) + accepted."""
-    p = stage_params()
-    echo_metrics(f"generate@{iteration}", guard(run_generate, iteration, resolve_prev(iteration, prev), p.generate))

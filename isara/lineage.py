@@ -194,7 +194,7 @@ def write_dot(graph: dict, out: Path, fmt: str | None = "svg") -> Path | None:
     import shutil
     import subprocess
 
-    from isara.records import atomic_write_text
+    from isara.io import atomic_write_text
 
     out = Path(out)
     atomic_write_text(out, graph_to_dot(graph))

@@ -28,8 +28,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import click
-
 from isara.cards import (
     ANSWER_STOP,
     PROMPT_FORMAT,
@@ -45,9 +43,9 @@ from isara.cards import (
     model_label,
     ollama_template,
 )
-from isara.console import guard, stage_params
+from isara.io import atomic_write_text
 from isara.paths import IterPaths, baseline_paths, iter_paths
-from isara.records import atomic_write_text, read_records
+from isara.records import read_records
 
 PACKAGED_BASELINES = ("sft_seed", "one_shot")  # the fine-tuned baselines; base and icl_knn are M0 itself
 NOT_MEASURED = "not measured"
@@ -396,13 +394,3 @@ def run_package(target: str, params) -> dict[str, Any]:
     files = write_package(info, out_dir)
     return {"target": target, "dir": str(out_dir), "files": [f.name for f in files],
             "harmful_rate": info["evaluate"].get("harmful_rate"), "over_refusal": info["evaluate"].get("over_refusal")}
-
-
-@click.command("package")
-@click.argument("target")
-def command(target: str) -> None:
-    """package TARGET: model card, Ollama Modelfile and license files of M(TARGET) (an iteration) or of a fine-tuned
-    baseline (sft_seed, one_shot), in its artifacts folder's package/."""
-    p = stage_params()
-    m = guard(run_package, target, p)
-    click.echo(f"package@{target}: wrote {', '.join(m['files'])} in {m['dir']}")

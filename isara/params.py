@@ -42,6 +42,34 @@ class Index(Section):
     seed: int = 0
 
 
+class Engine(Section):
+    """The LLM backend of generate, evaluate, the baselines and TruthfulQA (isara.engines), and the context size the
+    seeds stage checks each seed against."""
+
+    # sequential: in-process llama.cpp, one completion after another; batched: in process, batch_size sequences per
+    # llama_decode (the same completions); server: an OpenAI-compatible /v1/completions server (url, or one isara
+    # starts on 127.0.0.1 for the model file and stops when done)
+    kind: Literal["sequential", "batched", "server"] = "sequential"
+    n_ctx: int = Field(2048, ge=128)  # context tokens per sequence (per server slot)
+    n_threads: int = Field(2, ge=1)
+    n_gpu_layers: int = Field(-1, ge=-1)  # offloaded to a GPU if llama.cpp has GPU support; -1 all, 0 none
+    # batched: sequences decoded together; batched and server: attempts per generate round, prompts per evaluate step
+    batch_size: int = Field(8, ge=1, le=64)
+    url: str | None = None  # server: an endpoint that serves the model already (http://host:port[/v1/completions])
+    # server without url: "llama-server" (llama.cpp's own, `slots` parallel slots), "llama-cpp-python" (its server
+    # extra, one completion at a time, bit-identical to sequential), auto: llama-server when found, else the other
+    server: Literal["auto", "llama-server", "llama-cpp-python"] = "auto"
+    server_binary: Path | None = None  # llama-server's path; null: `llama-server` on PATH
+    slots: int = Field(4, ge=1, le=64)  # server: completions in flight at once (llama-server --parallel)
+    timeout: float = Field(600.0, gt=0)  # server: seconds to wait for one completion (and for a server to load)
+
+    @model_validator(mode="after")
+    def _url(self) -> "Engine":
+        if self.url is not None and not self.url.startswith(("http://", "https://")):
+            raise ValueError(f"url {self.url!r} must start with http:// or https://")
+        return self
+
+
 class Generate(Section):
     n_samples: int = Field(32, ge=1)
     max_attempts: int = Field(160, ge=1)
@@ -52,11 +80,6 @@ class Generate(Section):
     top_p: float = Field(0.95, gt=0.0, le=1.0)
     max_question_tokens: int = Field(64, ge=4)
     max_answer_tokens: int = Field(128, ge=4)
-    n_ctx: int = Field(2048, ge=128)
-    n_threads: int = Field(2, ge=1)
-    n_gpu_layers: int = Field(-1, ge=-1)  # offloaded to a GPU if llama-cpp-python has GPU support; -1 all, 0 none
-    engine: Literal["sequential", "batched"] = "sequential"  # same records; batched pays off beyond 2 CPU threads
-    batch_size: int = Field(8, ge=1, le=64)  # batched engine: attempts per batch, sequences decoded together
     seed: int = 0
     min_question_chars: int = Field(15, ge=1)
     max_question_chars: int = Field(300, ge=1)
@@ -141,11 +164,6 @@ class Evaluate(Section):
     # both: also the format the models are not served in (base.format), when the base has a chat template
     formats: Literal["both", "served"] = "both"
     k_icl: int = Field(4, ge=1, le=32)  # ICL-kNN baseline: retrieved seed QA pairs in context
-    n_ctx: int = Field(2048, ge=128)
-    n_threads: int = Field(2, ge=1)
-    n_gpu_layers: int = Field(-1, ge=-1)
-    engine: Literal["sequential", "batched"] = "sequential"  # same answers (greedy); see generate.engine
-    batch_size: int = Field(16, ge=1, le=64)  # batched engine: prompts decoded together
 
 
 class Datacard(Section):
@@ -162,8 +180,6 @@ class Datacard(Section):
 class Truthfulqa(Section):
     # Reads <benchmarks.dir>/truthfulqa/TruthfulQA.csv; with benchmarks.dir null the stages record "not run".
     limit: int = Field(50, ge=0)  # held-out questions scored, in file order; 0 = all
-    n_ctx: int = Field(1024, ge=128)
-    n_threads: int = Field(2, ge=1)
 
 
 class Package(Section):
@@ -177,6 +193,7 @@ class Params(Section):
     benchmarks: Benchmarks = Benchmarks()
     iterations: dict[str, Iteration]
     index: Index = Index()
+    engine: Engine = Engine()
     generate: Generate = Generate()
     finetune: Finetune = Finetune()
     export: Export = Export()

@@ -11,7 +11,7 @@ The save trap: a model loaded with `gguf_file=` carries `config.quantization_con
 refuses `save_pretrained` ("quantized with gguf"), although its weights are already plain fp32. We drop the
 quantization config, build a fresh model from the clean config, copy the state dict in and save that.
 
-The output is written atomically (records.atomic_directory): everything goes to a temporary sibling directory
+The output is written atomically (isara.io.atomic_directory): everything goes to a temporary sibling directory
 that is renamed onto `out_dir` at the end, so a crash never leaves a half-written checkpoint that DVC or the next stage could take
 for a complete one.
 """
@@ -23,11 +23,9 @@ import os
 import shutil
 from pathlib import Path
 
-import click
-
-from isara.console import echo_metrics, guard, stage_params
-from isara.export import TEMPLATE_FILE, write_template
-from isara.records import atomic_directory, file_sha256
+from isara.gguf import TEMPLATE_FILE, write_template
+from isara.io import atomic_directory, atomic_file
+from isara.records import file_sha256
 
 SOURCE_FILE = "isara_source.json"  # provenance: which GGUF this checkpoint was dequantized from
 
@@ -87,24 +85,15 @@ def run_prepare(cfg) -> dict:
     import time
 
     from isara.base_models import resolve_base_model
+    from isara.io import write_json
     from isara.paths import iter_paths
-    from isara.records import write_json
 
     start = time.perf_counter()
     here = iter_paths(0)
     source = resolve_base_model(cfg.model, cfg.path)
-    here.dir.mkdir(parents=True, exist_ok=True)
-    tmp = here.gguf.with_name(f".{here.gguf.name}.tmp")
-    shutil.copyfile(source, tmp)
-    os.replace(tmp, here.gguf)
+    with atomic_file(here.gguf) as tmp:
+        shutil.copyfile(source, tmp)
     prepare_base(here.gguf, here.hf)
     metrics = {"model": cfg.model, "gguf_bytes": here.gguf.stat().st_size, "seconds": round(time.perf_counter() - start, 2)}
     write_json(here.metrics("prepare"), metrics)
     return metrics
-
-
-@click.command("prepare")
-def command() -> None:
-    """prepare stage: copy the base GGUF (params base.model) and convert it to a transformers checkpoint."""
-    p = stage_params()
-    echo_metrics("prepare", guard(run_prepare, p.base))

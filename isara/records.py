@@ -8,13 +8,10 @@ question prompt and in the answer prompt point one hop back; `isara lineage` fol
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import shutil
-import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -41,6 +38,21 @@ class Sampling(BaseModel):
     seed: int
 
 
+class Backend(BaseModel):
+    """Where a record's completions ran, when not in isara's own process (params engine.kind: server).
+
+    The in-process engines (sequential, batched) return the same completions bit for bit and are not recorded
+    (Record.backend None). A server is: which one, and the endpoint when params engine.url named it. A server that
+    isara started itself listens on 127.0.0.1 at a port that changes from run to run, so its endpoint is None
+    (recording the port would change every record's content id from one run to the next)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    kind: Literal["server"] = "server"
+    server: str  # "llama-server" or "llama-cpp-python" (started by isara), "openai-compatible" (engine.url)
+    endpoint: str | None = None  # the /v1/completions URL of engine.url; None: a server isara started locally
+    slots: int = Field(1, ge=1)  # completions the server ran at once (llama-server's --parallel)
+
+
 class Record(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -61,13 +73,18 @@ class Record(BaseModel):
     # (seeds, records generated with both stance filters off). Left out of the content hash when None, so
     # records from before the field keep their ids.
     stance: Literal["declines", "complies"] | None = None
+    # The LLM backend that wrote raw_question / raw_answer when it was a server (isara.engines); None for isara's
+    # in-process llama.cpp. Left out of the content hash when None, as stance: in-process records keep their ids.
+    backend: Backend | None = None
 
     @model_serializer(mode="wrap")
     def _omit_unset_stance(self, handler):
-        # Files written before the field (and with the stance filters off) stay byte for byte the same.
+        # Files written before these fields (stance filters off, in-process engine) stay byte for byte the same.
         data = handler(self)
-        if isinstance(data, dict) and data.get("stance", "") is None:
-            del data["stance"]
+        if isinstance(data, dict):
+            for key in ("stance", "backend"):
+                if key in data and data[key] is None:
+                    del data[key]
         return data
 
     @model_validator(mode="after")
@@ -115,54 +132,6 @@ def iter_records(path: str | os.PathLike) -> Iterator[Record]:
                 yield Record.model_validate_json(line)
             except ValidationError as exc:
                 raise RecordFileError(f"{path}:{lineno}: invalid record: {exc}") from exc
-
-
-def write_jsonl(path: str | os.PathLike, rows: Iterable[BaseModel | dict]) -> None:
-    """Write JSONL atomically: a crash leaves the old file (or none), never a truncated one for DVC to cache."""
-    lines = []
-    for row in rows:
-        if isinstance(row, BaseModel):
-            lines.append(row.model_dump_json())
-        else:
-            lines.append(json.dumps(row, ensure_ascii=False, sort_keys=True))
-    atomic_write_text(path, "".join(line + "\n" for line in lines))
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-@contextlib.contextmanager
-def atomic_directory(out_dir: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary folder next to `out_dir`; on success it replaces `out_dir` whole, on error it is removed.
-    A crash never leaves a half-written index or checkpoint where DVC or the next stage would take it for done."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; the output is an ordinary folder
-    try:
-        yield tmp
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def write_json(path: str | os.PathLike, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
 
 
 def file_sha256(path: str | os.PathLike) -> str:

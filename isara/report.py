@@ -8,11 +8,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import click
-
-from isara.console import echo_metrics, guard, stage_params
-from isara.paths import BASELINE_REPORTS, BASELINES, ITER_REPORTS, JUDGE_METRICS, REPORTS, iter_paths
-from isara.records import write_json
+from isara.io import write_json
+from isara.paths import BASELINE_REPORTS, BASELINES, ITER_REPORTS, JUDGE_METRICS, REPORTS
 from isara.stats import wilson
 
 SUMMARY = REPORTS / "summary.json"
@@ -191,8 +188,10 @@ def plot_metric(rows: list[dict], key: str, title: str, out_path: Path) -> Path 
     ax.set_title(title)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_path)
+    from isara.io import atomic_file
+
+    with atomic_file(out_path) as tmp:
+        fig.savefig(tmp, format=Path(out_path).suffix.lstrip("."))
     plt.close(fig)
     return out_path
 
@@ -207,7 +206,7 @@ def sources_section(rows: list[dict], judge: dict | None) -> str:
                      f"string matching {_pct(judge['strmatch_agreement'])}. `evaluate.judge: auto` uses the better "
                      f"one ({judge['selected']}).")
     else:
-        lines.append("- Refusal judge: string matching (isara.judge.is_refusal) only: no benchmark data "
+        lines.append("- Refusal judge: string matching (isara.judges.is_refusal) only: no benchmark data "
                      "(params `benchmarks.dir` is null), so no learned judge was trained.")
 
     def grouped(key, fmt) -> None:
@@ -271,7 +270,7 @@ def evaluation_summary(rows: list[dict]) -> dict:
 
 
 def write_safety_plot_data(rows: list[dict], path: Path = SAFETY_PLOT) -> None:
-    from isara.records import atomic_write_text
+    from isara.io import atomic_write_text
 
     lines = ["iteration,harmful_rate,over_refusal"]
     for r in rows:
@@ -291,15 +290,8 @@ def run_report(seed_dataset: Path) -> dict:
     figures = [f for f in (plot_metric(rows, "harmful_rate", "harmful rate", FIGURES / "harmful_rate.png"),
                            plot_metric(rows, "over_refusal", "over-refusal", FIGURES / "over_refusal.png")) if f]
     write_safety_plot_data(rows)
-    from isara.records import atomic_write_text
+    from isara.io import atomic_write_text
 
     atomic_write_text(REPORT_MD, render_report(rows, summary, judge, figures))
     write_json(SUMMARY, summary)
     return summary
-
-
-@click.command("report")
-def command() -> None:
-    """report stage: pipeline-wide metrics (data set growth, scaling ratio, losses, stage times)."""
-    stage_params()  # validate before work, like every stage
-    echo_metrics("report", guard(run_report, iter_paths(0).dataset))

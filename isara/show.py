@@ -9,17 +9,13 @@ from a fixed list: a new filter's reason shows up here without a change.
 from __future__ import annotations
 
 import json
-import sys
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-import click
-
-from isara.console import UserError, guard
 from isara.lineage import LineageError, load_all_records, resolve_id, seed_ancestors
-from isara.paths import ARTIFACTS, IterPaths
+from isara.paths import IterPaths
 from isara.records import Record, read_records
 
 ACCEPTED, REJECTED, ALL = "accepted", "rejected", "all"
@@ -238,56 +234,32 @@ def item_json(item: Item) -> dict:
     return data
 
 
-# ----------------------------------------------------------------------------------------------------- CLI
+# -------------------------------------------------------------------------------------------- what is shown
 
 
-@click.command("show")
-@click.argument("iteration", required=False)
-@click.option("--accepted", "status", flag_value=ACCEPTED, help="Accepted records (the default).")
-@click.option("--rejected", "status", flag_value=REJECTED, help="Rejected attempts instead.")
-@click.option("--all", "status", flag_value=ALL, help="Accepted records, then rejected attempts.")
-@click.option("--reason", default=None, help="Only attempts rejected for REASON (implies --rejected).")
-@click.option("--descends-from", "seed_prefix", default=None, metavar="SEED_ID",
-              help="Only items whose lineage reaches this seed (an id prefix works; rejected: via their anchor).")
-@click.option("--grep", default=None, metavar="TEXT", help="Only items whose question or answer contains TEXT "
-              "(case-insensitive).")
-@click.option("--limit", default=None, type=click.IntRange(min=0),
-              help=f"Show at most N items; 0: all  [default: {DEFAULT_LIMIT}; all with --json]")
-@click.option("--full", is_flag=True, help="Whole questions and answers, not one truncated line each.")
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per line (the full record or rejected "
-              "attempt, plus status, iteration and seed_ancestors), no header.")
-@click.option("--no-pager", is_flag=True, help="Never page (output is paged only when it goes to a terminal).")
-@click.option("--artifacts", default=str(ARTIFACTS), type=click.Path(file_okay=False), show_default=True)
-def command(iteration: str | None, status: str | None, reason: str | None, seed_prefix: str | None,
-            grep: str | None, limit: int | None, full: bool, as_json: bool, no_pager: bool, artifacts: str) -> None:
-    """Browse ITERATION's accepted records or rejected attempts (default: the latest iteration's accepted
-    records; 0: the seeds), each with the id `isara lineage` takes: its own, or a rejected attempt's anchor."""
-    root = Path(artifacts)
-    if reason is not None and status == ACCEPTED:
-        raise click.UsageError("--reason selects rejected attempts; it cannot be combined with --accepted")
+def show_text(root: Path, iteration: str | None, status: str | None = None, reason: str | None = None,
+              seed_prefix: str | None = None, grep: str | None = None, limit: int | None = None, full: bool = False,
+              as_json: bool = False) -> str:
+    """What `isara show` prints: ITERATION's accepted records or rejected attempts (default: the latest
+    iteration's accepted records; 0: the seeds), as text blocks under a header, or as JSON lines.
+    Raises ShowError (a LookupError) when nothing matches, naming what exists instead."""
     status = status or (REJECTED if reason is not None else ACCEPTED)
-    t = guard(pick_iteration, root, iteration)
-    accepted, rejected = guard(load_round, root, t)
+    t = pick_iteration(root, iteration)
+    accepted, rejected = load_round(root, t)
     if reason is not None:
-        guard(check_reason, reason, rejected, t)
-    by_id = guard(load_all_records, root)
-    seed_id = guard(resolve_seed, seed_prefix, by_id).id if seed_prefix else None
+        check_reason(reason, rejected, t)
+    by_id = load_all_records(root)
+    seed_id = resolve_seed(seed_prefix, by_id).id if seed_prefix else None
     chosen = select(make_items(t, accepted, rejected, by_id, status), reason, seed_id, grep)
     if not chosen:
         asked = [f"rejected for {reason}" if reason else {ALL: "accepted or rejected"}.get(status, status)]
         asked += [f"descending from seed {seed_id}"] if seed_id else []
         asked += [f"containing {grep!r}"] if grep else []
-        raise UserError(f"iteration {t}: nothing {' '.join(asked)} ({len(accepted)} accepted, "
+        raise ShowError(f"iteration {t}: nothing {' '.join(asked)} ({len(accepted)} accepted, "
                         f"{len(rejected)} rejected in all)")
     n = limit if limit is not None else (0 if as_json else DEFAULT_LIMIT)
     shown = chosen[:n] if n else chosen
     if as_json:
-        text = "".join(json.dumps(item_json(i), ensure_ascii=False) + "\n" for i in shown)
-    else:
-        blocks = [header(t, accepted, rejected, len(chosen), len(shown)), *(format_item(i, full) for i in shown)]
-        text = "\n\n".join(blocks) + "\n"
-    if sys.stdout.isatty() and not no_pager and not as_json:
-        click.echo_via_pager(text)
-    else:
-        click.echo(text, nl=False)
-
+        return "".join(json.dumps(item_json(i), ensure_ascii=False) + "\n" for i in shown)
+    blocks = [header(t, accepted, rejected, len(chosen), len(shown)), *(format_item(i, full) for i in shown)]
+    return "\n\n".join(blocks) + "\n"

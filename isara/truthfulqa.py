@@ -29,10 +29,9 @@ from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
-import click
 import numpy as np
 
-from isara.console import guard
+from isara.engines import open_scorer
 
 # TruthfulQA's fixed 6-shot QA primer (sylinrl/TruthfulQA, truthfulqa/presets.py: QA_PRIMER).
 QA_PRIMER = """Q: What is human life expectancy in the United States?
@@ -73,53 +72,14 @@ def mc_scores(best: float, true: Sequence[float], false: Sequence[float]) -> tup
     return mc1, mc2
 
 
-class LogLikelihood:
-    """Sum of continuation log-probs under a GGUF model via llama.cpp (logits_all), reusing the KV cache of the
-    longest token prefix shared with the previous call (the primer and the question are shared by every answer)."""
-
-    def __init__(self, model_path: Path, n_ctx: int = 1024, n_threads: int = 2):
-        from isara.llm import open_llama
-
-        self.llm = open_llama(model_path, n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads, logits_all=True)
-
-    def tokenize(self, text: str, bos: bool = True) -> list[int]:
-        return self.llm.tokenize(text.encode("utf-8"), add_bos=bos, special=False)
-
-    def score(self, context: str, continuation: str) -> float:
-        llm = self.llm
-        ctx = self.tokenize(context)
-        full = self.tokenize(context + continuation)
-        start = 0  # first continuation token: where the tokenizations of context and context+continuation part
-        while start < min(len(ctx), len(full)) and ctx[start] == full[start]:
-            start += 1
-        if start == len(full) or start == 0:
-            raise ValueError(f"empty continuation {continuation!r}")
-        if len(full) > llm.n_ctx():
-            raise ValueError(f"{len(full)} tokens exceed n_ctx={llm.n_ctx()}")
-        cached = 0
-        for a, b in zip(llm._input_ids[: llm.n_tokens], full):
-            if a != b:
-                break
-            cached += 1
-        cached = min(cached, start)  # the logits at start-1 must be those of this very prefix
-        if cached == len(full):
-            cached -= 1
-        llm.n_tokens = cached  # eval() drops the KV cells from here and decodes the rest
-        llm.eval(full[cached:])
-        logits = np.asarray(llm.scores[start - 1 : len(full) - 1], dtype=np.float64)
-        m = logits.max(axis=1, keepdims=True)
-        logprobs = logits - (m + np.log(np.exp(logits - m).sum(axis=1, keepdims=True)))
-        return float(logprobs[np.arange(len(full) - start), full[start:]].sum())
-
-
-def evaluate_mc(model_path: Path, items, n_threads: int = 2, progress: bool = True, n_ctx: int = 1024) -> dict:
+def evaluate_mc(model_path: Path, items, engine_params=None, progress: bool = True) -> dict:
     """MC1/MC2 averaged over `items` (isara.benchmarks.TruthfulQAItem), with per-question scores."""
     from tqdm import tqdm
 
     if not items:
         raise ValueError("TruthfulQA: no questions left to score (all excluded, or an empty file)")
     start = time.perf_counter()
-    lm = LogLikelihood(model_path, n_ctx=n_ctx, n_threads=n_threads)
+    lm = open_scorer(model_path, engine_params)  # in-process llama.cpp, params engine's n_ctx, threads, GPU layers
     per_question = []
     for item in tqdm(items, desc="truthfulqa", unit="question", disable=not progress):
         prompt = mc_prompt(item.question)
@@ -159,13 +119,14 @@ def stratified_seed_split(items, n: int = 64, seed: int = 0) -> tuple[list, list
     return seeds, heldout
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+def write_rows(path: Path, rows: list[dict]) -> None:
+    """JSONL with each row's keys in the order given (a seed file reads question, then answer), written atomically."""
+    from isara.io import atomic_write_text
+
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
-def _default_csv() -> Path:
+def default_csv() -> Path:
     from isara.benchmarks import TRUTHFULQA, benchmark_path
 
     return benchmark_path(TRUTHFULQA)  # under $ISARA_BENCHMARKS_DIR
@@ -182,84 +143,27 @@ def heldout_items(csv_path: Path, seed_questions: set[str], limit: int) -> list:
 NOT_RUN = "not run: no benchmark data (params benchmarks.dir is null)"
 
 
-def run_truthfulqa(target: str, cfg, benchmarks_dir: Path | None, progress: bool = True) -> dict:
-    """Stage truthfulqa@<t> (target = iteration) or truthfulqa_base (target = "base")."""
+def run_truthfulqa(target: str, cfg, benchmarks_dir: Path | None, progress: bool = True, engine_params=None) -> dict:
+    """Stage truthfulqa@<t> (target = iteration) or truthfulqa_base (target = "base"); engine_params: params `engine`
+    (its n_ctx, n_threads and n_gpu_layers: the log-likelihoods run in process whatever engine.kind is)."""
     from isara.benchmarks import TRUTHFULQA, pipeline_benchmark_path
+    from isara.io import write_json, write_jsonl
     from isara.paths import baseline_paths, iter_paths
-    from isara.records import read_records, write_json, write_jsonl
+    from isara.records import read_records
 
     model = iter_paths(0 if target == "base" else target).gguf
     out = baseline_paths("base") if target == "base" else iter_paths(target)
     csv_path = pipeline_benchmark_path(TRUTHFULQA, benchmarks_dir)
     if csv_path is None:
-        click.echo(f"truthfulqa: {NOT_RUN}")
+        print(f"truthfulqa: {NOT_RUN}", flush=True)
         metrics = {"skipped": NOT_RUN}
         rows = []
     else:
         seeds = {r.question for r in read_records(iter_paths(0).dataset)}
-        metrics = evaluate_mc(model, heldout_items(csv_path, seeds, cfg.limit), cfg.n_threads, progress, cfg.n_ctx)
+        metrics = evaluate_mc(model, heldout_items(csv_path, seeds, cfg.limit), engine_params, progress)
         rows = metrics.pop("questions")
         metrics["excluded_seed_questions"] = len(seeds)
         metrics["data"] = f"{benchmarks_dir}/{TRUTHFULQA}"  # as params.yaml names it
     write_jsonl(out.dir / "truthfulqa.jsonl", rows)
     write_json(out.metrics("truthfulqa"), metrics)
     return metrics
-
-
-@click.command("truthfulqa")
-@click.argument("target")
-def command(target: str) -> None:
-    """truthfulqa@ITERATION (or TARGET=base: truthfulqa_base): TruthfulQA MC1/MC2 on questions not in the seeds."""
-    from isara.console import echo_metrics, stage_params
-
-    p = stage_params()
-    name = "truthfulqa_base" if target == "base" else f"truthfulqa@{target}"
-    echo_metrics(name, guard(run_truthfulqa, target, p.truthfulqa, p.benchmarks.dir))
-
-
-@click.command("truthfulqa-score")
-@click.option("--model", "model_path", required=True, type=click.Path(dir_okay=False), help="GGUF model file.")
-@click.option("--csv", "csv_path", default=None, type=click.Path(dir_okay=False),
-              help="TruthfulQA.csv (default: truthfulqa/TruthfulQA.csv under $ISARA_BENCHMARKS_DIR).")
-@click.option("--limit", default=0, show_default=True, help="First N questions (after --exclude); 0 = all.")
-@click.option("--exclude", default=None, type=click.Path(dir_okay=False),
-              help="Seed JSONL whose questions are skipped (the truthfulness-domain seed set).")
-@click.option("--out", default=None, type=click.Path(dir_okay=False), help="Write the metrics JSON here.")
-@click.option("--threads", default=2, show_default=True)
-def score_command(model_path: str, csv_path: str | None, limit: int, exclude: str | None, out: str | None,
-                  threads: int) -> None:
-    """TruthfulQA MC1/MC2 of any GGUF model from answer log-likelihoods (llama.cpp), outside the pipeline."""
-    from isara.records import write_json
-
-    skip = set()
-    if exclude:
-        skip = {json.loads(line)["question"] for line in Path(exclude).read_text(encoding="utf-8").splitlines()
-                if line.strip()}
-    items = guard(heldout_items, Path(csv_path) if csv_path else guard(_default_csv), skip, limit)
-    metrics = guard(evaluate_mc, Path(model_path), items, threads)
-    metrics["model"] = str(model_path)
-    if out:
-        write_json(out, metrics)
-    click.echo(f"truthfulqa: mc1={metrics['mc1']}, mc2={metrics['mc2']}, n={metrics['n_questions']}, "
-               f"seconds={metrics['seconds']}")
-
-
-@click.command("truthfulqa-seeds")
-@click.option("--out", required=True, type=click.Path(dir_okay=False),
-              help="Seed JSONL to write ({question, answer}: Best Answer). Keep it outside the repository.")
-@click.option("--heldout", default=None, type=click.Path(dir_okay=False),
-              help="Also write the held-out questions (eval JSONL: {prompt, category}).")
-@click.option("--csv", "csv_path", default=None, type=click.Path(dir_okay=False))
-@click.option("--n", default=64, show_default=True)
-@click.option("--seed", default=0, show_default=True)
-def seeds_command(out: str, heldout: str | None, csv_path: str | None, n: int, seed: int) -> None:
-    """The truthfulness-domain seed set: N TruthfulQA questions stratified by category, Best Answer as answer."""
-    from isara.benchmarks import load_truthfulqa
-
-    items = guard(load_truthfulqa, Path(csv_path) if csv_path else guard(_default_csv))
-    seeds, held = guard(stratified_seed_split, items, n, seed)
-    _write_jsonl(Path(out), [{"question": s.question, "answer": s.best_answer} for s in seeds])
-    if heldout:
-        _write_jsonl(Path(heldout), [{"prompt": h.question, "category": h.category} for h in held])
-    click.echo(f"truthfulqa-seeds: {len(seeds)} seeds ({len({s.category for s in seeds})} categories) -> {out}; "
-               f"{len(held)} held out" + (f" -> {heldout}" if heldout else ""))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from isara.generate import command  # noqa: E402
+from isara.cli import generate_command  # noqa: E402
 
 if __name__ == "__main__":
-    command.main(args=sys.argv[1:], prog_name="isara generate")
+    generate_command.main(args=sys.argv[1:], prog_name="isara generate")

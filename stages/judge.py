@@ -9,7 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from isara.evaluate import judge_command
+from isara.cli import judge_command  # noqa: E402
 
 if __name__ == "__main__":
     judge_command.main(args=sys.argv[1:], prog_name="isara judge")

@@ -88,14 +88,14 @@ generate:
   k_answer: 3
   max_question_tokens: 48
   max_answer_tokens: 96
-  n_ctx: 1024
   seed: 0
+engine: {n_ctx: 1024}
 finetune: {max_steps: 1, batch_size: 4, max_length: 128, epochs: 1}
 export: {outtype: q8_0}
 datacard: {n_examples: 2}
 benchmarks: {dir: null}
 judge: {seed: 0}
-evaluate: {limit: 2, max_tokens: 8, k_icl: 2, n_ctx: 1024}
+evaluate: {limit: 2, max_tokens: 8, k_icl: 2}
 truthfulqa: {limit: 2}
 package: {num_predict: 64}
 """

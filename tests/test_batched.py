@@ -29,8 +29,8 @@ llama_cpp = pytest.importorskip("llama_cpp")
 from conftest import SEEDS
 
 from isara.base_models import BaseModelError, base_model_path
-from isara.batched import BatchedLlama, SequentialLlama
-from isara.llm import open_llama
+from isara.engines.batched import BatchedLlama
+from isara.engines.llama import complete, open_llama
 from isara.prompts import ANSWER_PREFIX, ANSWER_STOP, QUESTION_STOP, answer_prompt, question_prompt
 from isara.records import Sampling
 from isara.seeds import read_seed_file
@@ -72,12 +72,9 @@ def requests_for(prompts, temperatures, max_tokens=(24, 24, 3, 24), seed=7):
 
 
 def reference(llm, requests):
-    """Plain create_completion, one by one, each from a reset Llama (see the module docstring)."""
-    out = []
-    for request in requests:
-        llm.reset()
-        out += SequentialLlama(llm).complete_many([request])
-    return out
+    """Plain create_completion, one by one, each from a reset Llama (see the module docstring): the sequential
+    engine's `complete`."""
+    return [complete(llm, *request) for request in requests]
 
 
 @pytest.fixture(scope="module")

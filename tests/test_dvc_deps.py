@@ -1,5 +1,10 @@
 """dvc.yaml lists, for every stage, each isara module its code can import (directly, transitively, or inside a
-function): a module it runs but does not list would leave DVC's cache stale after an edit to that module."""
+function): a module it runs but does not list would leave DVC's cache stale after an edit to that module.
+
+A stages/<x>.py shim runs a command of isara/cli.py, which holds every command: for it, cli.py contributes its
+module-level imports and those inside the command(s) the shim takes (and their subcommands), not every command's,
+so that each stage depends on its own code only. (So a cli.py command keeps its imports in its own body.)
+"""
 
 from __future__ import annotations
 
@@ -11,26 +16,71 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 
 
-def isara_imports(path: Path) -> set[str]:
-    """Repo-relative paths of the isara modules `path` imports anywhere in its code."""
+def module_files(name: str) -> set[str]:
+    """The files Python runs to import isara module `name`: the module (X.py, or a package's X/__init__.py) and
+    the __init__.py of every package above it below isara itself (isara.engines.server runs isara/engines/__init__.py)."""
+    parts = name.split(".")
     found = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+    for n in range(2, len(parts) + 1):
+        rel = "/".join(parts[:n])
+        for candidate in (rel + ".py", rel + "/__init__.py"):
+            if (REPO / candidate).is_file():
+                found.add(candidate)
+    return found
+
+
+CLI = "isara/cli.py"
+
+
+def isara_imports(path: Path, tree: ast.AST | None = None) -> set[str]:
+    """Repo-relative paths of the isara modules `path` (or the part `tree` of it) imports anywhere in its code."""
+    found = set()
+    tree = tree if tree is not None else ast.parse(path.read_text(encoding="utf-8"))
+    for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "isara":
-            names = [f"{node.module}.{a.name}" for a in node.names] if node.module == "isara" else [node.module]
+            # `from isara.engines import batched` imports the module isara.engines.batched (if there is one)
+            names = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
         elif isinstance(node, ast.Import):
             names = [a.name for a in node.names if a.name.startswith("isara.")]
         else:
             continue
-        found |= {n.replace(".", "/") + ".py" for n in names if (REPO / (n.replace(".", "/") + ".py")).is_file()}
+        for name in names:
+            found |= module_files(name)
+    return found
+
+
+def cli_imports(commands: set[str]) -> set[str]:
+    """What running the cli.py commands (function names) `commands` imports: cli.py's module-level imports (all but
+    the function bodies) plus those in the commands' functions and in their subcommands' (`@<command>.command`)."""
+    tree = ast.parse((REPO / CLI).read_text(encoding="utf-8"))
+
+    def runs(node: ast.stmt) -> bool:
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            return True
+        parents = {d.func.value.id for d in node.decorator_list if isinstance(d, ast.Call)
+                   and isinstance(d.func, ast.Attribute) and isinstance(d.func.value, ast.Name)}
+        return node.name in commands or bool(parents & commands)
+
+    return isara_imports(REPO / CLI, ast.Module(body=[n for n in tree.body if runs(n)], type_ignores=[]))
+
+
+def code_imports(path: Path) -> set[str]:
+    """isara_imports, where an import from isara.cli counts as cli_imports of the commands it takes."""
+    found = isara_imports(path)
+    if CLI in found:
+        commands = {a.name for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+                    if isinstance(node, ast.ImportFrom) and node.module == "isara.cli" for a in node.names}
+        found |= cli_imports(commands)
     return found
 
 
 def closure(entry: str) -> set[str]:
     seen, todo = set(), [entry]
     while todo:
-        for module in isara_imports(REPO / todo.pop()) - seen:
+        for module in code_imports(REPO / todo.pop()) - seen:
             seen.add(module)
-            todo.append(module)
+            if module != CLI:  # cli.py's part is what code_imports took from it: the stage's own command
+                todo.append(module)
     return seen
 
 
@@ -48,3 +98,29 @@ def stage_code_deps() -> dict[str, tuple[str, set[str]]]:
 def test_every_stage_lists_the_isara_modules_it_imports():
     missing = {name: sorted(closure(entry) - deps) for name, (entry, deps) in stage_code_deps().items()}
     assert not {k: v for k, v in missing.items() if v}, missing
+
+
+def test_a_stage_depends_on_its_own_command_only():
+    """Through cli.py, report reaches report.py, not generate.py (another command's module) or torch's finetune.py."""
+    report = closure("stages/report.py")
+    assert {CLI, "isara/console.py", "isara/report.py"} <= report
+    assert not {"isara/generate.py", "isara/finetune.py", "isara/lineage.py"} & report
+    assert {"isara/baseline.py", "isara/evaluate.py", "isara/generate.py", "isara/finetune.py"} <= closure(
+        "stages/baseline.py")
+
+
+def test_editing_a_generate_filter_does_not_rerun_evaluation():
+    """isara/filters.py decides which generated samples are kept; evaluation never runs it, so editing it must not
+    rerun evaluate@* (or the judge): neither imports the generate stage."""
+    for entry in ("stages/evaluate.py", "stages/judge.py"):
+        assert "isara/filters.py" not in closure(entry), entry
+    deps = stage_code_deps()
+    assert "isara/filters.py" not in deps["evaluate"][1] and "isara/filters.py" not in deps["judge"][1]
+
+
+def test_no_stage_lists_code_it_does_not_run():
+    """A listed module outside the closure reruns the stage for nothing when it is edited (as isara/filters.py once
+    reran every evaluate@t through evaluate -> generate)."""
+    extra = {name: sorted(d for d in deps if d.endswith(".py") and d not in closure(entry) | {entry})
+             for name, (entry, deps) in stage_code_deps().items()}
+    assert not {k: v for k, v in extra.items() if v}, extra

@@ -20,7 +20,7 @@ from isara.evaluate import (
     safety_metrics,
     stratified,
 )
-from isara.params import Evaluate
+from isara.params import Engine, Evaluate
 
 from conftest import SHARED_BENCHMARKS as SHARED
 
@@ -96,7 +96,7 @@ def test_strmatch_verdicts_on_hand_made_responses():
 
 
 def test_load_judges_picks_the_better_judge(tmp_path):
-    from isara.judge import N_FEATURES, LearnedJudge
+    from isara.judges import N_FEATURES, LearnedJudge
 
     assert load_judges("auto", tmp_path / "missing").headline == "strmatch"
     with pytest.raises(ValueError, match="no learned judge"):
@@ -112,22 +112,26 @@ def test_load_judges_picks_the_better_judge(tmp_path):
 
 
 @pytest.mark.slow
-def test_evaluate_model_on_real_base_model(tmp_path):
+@pytest.mark.parametrize("engine", [Engine(kind="batched"), Engine(kind="server", server="llama-cpp-python", slots=2)],
+                         ids=["batched", "llama-cpp-python-server"])
+def test_evaluate_model_on_real_base_model(tmp_path, engine):
     """3 harmful + 3 safe prompts through llama.cpp with the real SmolLM2 GGUF, greedy, in both formats: the served
-    one (chat: SmolLM2's own template) heads the metrics, the bare layout is reported next to it."""
+    one (chat: SmolLM2's own template) heads the metrics, the bare layout is reported next to it. Answered by the
+    batched in-process engine, and by llama-cpp-python's server that the server engine starts on 127.0.0.1: both
+    answer exactly as one plain greedy completion after another."""
     from isara.base_models import base_model_path
     from isara.evaluate import eval_formats, write_evaluation
     from isara.prompts import BARE, CHAT, sft_prompt
 
     cfg = Evaluate(harmful_path=REPO / "data/eval/harmful.jsonl", safe_path=REPO / "data/eval/safe.jsonl",
-                   limit=3, max_tokens=12, engine="batched")
+                   limit=3, max_tokens=12)
     items = load_eval_items(cfg)
     assert [i.set for i in items] == [HARMFUL] * 3 + [SAFE] * 3
     model = base_model_path("smollm2")
     formats = eval_formats(model, "auto")
     assert [f.name for f in formats] == [CHAT, BARE]
     assert [f.name for f in eval_formats(model, "bare")] == [BARE, CHAT]
-    rows, metrics = evaluate_model(model, items, cfg, Judges("strmatch"), formats, progress=False)
+    rows, metrics = evaluate_model(model, items, cfg, Judges("strmatch"), formats, progress=False, engine_params=engine)
     assert [r["prompt"] for r in rows] == [i.prompt for i in items] * 2
     chat, bare = rows[:6], rows[6:]
     assert {r["format"] for r in chat} == {CHAT} and {r["format"] for r in bare} == {BARE}
@@ -143,12 +147,12 @@ def test_evaluate_model_on_real_base_model(tmp_path):
     write_evaluation(tmp_path / "responses.jsonl", tmp_path / "evaluate.json", rows, metrics)
     saved = [json.loads(line) for line in (tmp_path / "responses.jsonl").read_text().splitlines()]
     assert [r["response"] for r in saved] == [r["response"] for r in rows]
-    # the batched engine answers as one plain greedy create_completion after another would, and the chat rows are
+    # the engine answers as one plain greedy create_completion after another would, and the chat rows are
     # what llama-cpp-python's own chat completion (the GGUF's template) answers
-    from isara.generate import complete, load_llama
+    from isara.engines.llama import complete, load_llama
     from isara.records import Sampling
 
-    llm = load_llama(model, cfg.n_ctx, cfg.n_threads, seed=0)
+    llm = load_llama(model, engine.n_ctx, engine.n_threads, seed=0)
     greedy = Sampling(temperature=0.0, top_p=1.0, max_tokens=12, seed=0)
     assert [complete(llm, r["input"], greedy, f.stop)[0] for f, part in zip(formats, (chat, bare))
             for r in part] == [r["raw_response"] for r in rows]
@@ -213,7 +217,7 @@ def test_wilson_interval_and_the_beats_rule():
 
 
 def test_run_report_writes_markdown_plots_and_headline_metrics(tmp_path, monkeypatch):
-    from isara.records import write_json
+    from isara.io import write_json
     from isara.report import run_report
 
     monkeypatch.chdir(tmp_path)

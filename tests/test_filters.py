@@ -125,7 +125,7 @@ def test_stance_quota_reason_and_the_band_it_keeps():
 
 
 def test_stance_judge_strmatch_and_learned():
-    from isara.judge import N_FEATURES, LearnedJudge, StanceJudge
+    from isara.judges import N_FEATURES, LearnedJudge, StanceJudge
 
     answers = ["I can't help with that.", "Sure: press the primer bulb three times, then pull the cord."]
     assert StanceJudge("strmatch").declines(["q1", "q2"], answers) == [True, False]
@@ -141,7 +141,7 @@ def test_stance_judge_strmatch_and_learned():
 def test_stance_judge_selection_reads_the_judge_stage_folder(tmp_path):
     import json
 
-    from isara.judge import JUDGE_FILE, LEARNED_FILE, N_FEATURES, LearnedJudge, StanceJudge
+    from isara.judges import JUDGE_FILE, LEARNED_FILE, N_FEATURES, LearnedJudge, StanceJudge
 
     assert StanceJudge.load("auto", tmp_path).name == "strmatch"  # no judge stage output: string matching
     with pytest.raises(ValueError, match="generate.stance_judge is 'learned'"):

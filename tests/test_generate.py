@@ -24,8 +24,16 @@ seeds: {path: seeds.jsonl}
 iterations: {"1": {prev: "0"}}
 index: {n_trees: 4}
 generate: {n_samples: 3, max_attempts: 30, k_question: 3, k_answer: 3, max_question_tokens: 48,
-           max_answer_tokens: 96, n_ctx: 1024, n_threads: 1, seed: 3}
+           max_answer_tokens: 96, seed: 3}
+engine: {n_ctx: 1024, n_threads: 1}
 """
+
+
+def use_engine(root, extra: str) -> None:
+    """Set more params `engine` keys in root's params.yaml, e.g. "kind: batched, batch_size: 2"."""
+    params = root / "params.yaml"
+    params.write_text(params.read_text().replace("engine: {n_ctx: 1024, n_threads: 1}",
+                                                 f"engine: {{n_ctx: 1024, n_threads: 1, {extra}}}"))
 
 
 def workspace(root):
@@ -70,11 +78,10 @@ def test_generated_records_carry_lineage(reference):
 
 
 def test_batched_engine_writes_what_the_sequential_one_writes(reference, tmp_path):
-    """The batched engine decodes 8 attempts together (isara.batched); the reference, one completion after
+    """The batched engine decodes 8 attempts together (isara.engines.batched); the reference, one completion after
     another (the default engine), must have written the very same accepted and rejected records, byte for byte."""
     root = workspace(tmp_path / "batched")
-    params = root / "params.yaml"
-    params.write_text(params.read_text().replace("seed: 3}", "seed: 3, engine: batched}"))
+    use_engine(root, "kind: batched")
     cli(root, "generate", "1")
     for name in ("generated.jsonl", "rejected.jsonl", "dataset.jsonl"):
         assert (root / "artifacts/1" / name).read_bytes() == (reference / "artifacts/1" / name).read_bytes(), name
@@ -84,8 +91,7 @@ def test_killed_generate_resumes_to_identical_records(reference, tmp_path):
     root = workspace(tmp_path / "killed")
     # The batched engine in batches of 2 attempts: the log grows batch by batch, and neither the kill nor the
     # engine may change the records (the reference ran sequentially).
-    params = root / "params.yaml"
-    params.write_text(params.read_text().replace("seed: 3}", "seed: 3, engine: batched, batch_size: 2}"))
+    use_engine(root, "kind: batched, batch_size: 2")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, "-m", "isara.cli", "generate", "1"], cwd=root, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -107,6 +113,128 @@ def test_killed_generate_resumes_to_identical_records(reference, tmp_path):
     assert resumed >= done_before >= 2, out
     for name in ("generated.jsonl", "rejected.jsonl", "dataset.jsonl"):
         assert (root / "artifacts/1" / name).read_bytes() == (reference / "artifacts/1" / name).read_bytes(), name
+
+
+# ------------------------------------------------------------------ the server engine (isara.engines.server)
+
+
+def without_backend(path) -> list[dict]:
+    """The records of a JSONL file with their backend and id (the content hash that covers it) left out."""
+    return [r.model_dump(mode="json", exclude={"id", "backend"}) for r in read_records(path)]
+
+
+def assert_same_as_reference(root, reference, backend: dict) -> None:
+    """The records the sequential in-process engine wrote, now naming `backend`; the rejections byte for byte."""
+    assert (root / "artifacts/1/rejected.jsonl").read_bytes() == (reference / "artifacts/1/rejected.jsonl").read_bytes()
+    for name in ("generated.jsonl", "dataset.jsonl"):
+        assert without_backend(root / "artifacts/1" / name) == without_backend(reference / "artifacts/1" / name), name
+    generated = read_records(root / "artifacts/1/generated.jsonl")
+    assert generated and all(r.backend.model_dump() == backend for r in generated)
+    seeds = read_records(root / "artifacts/0/dataset.jsonl")
+    assert read_records(root / "artifacts/1/dataset.jsonl") == [*seeds, *generated]
+
+
+def test_server_engine_writes_the_sequential_records(reference, tmp_path):
+    """engine.kind server without a url: generate starts llama-cpp-python's server on 127.0.0.1 (no llama-server
+    asked for), sends it 4 attempts' requests per round, and stops it. That server completes one request at a time
+    from an empty KV cache in the same llama.cpp library, so its completions, and the records, are the in-process
+    engine's; each record names its backend."""
+    root = workspace(tmp_path / "server")
+    use_engine(root, "kind: server, server: llama-cpp-python, batch_size: 4")
+    cli(root, "generate", "1")
+    assert_same_as_reference(root, reference, {"kind": "server", "server": "llama-cpp-python", "endpoint": None,
+                                               "slots": 1})
+
+
+def start_server(model, port: int, log) -> subprocess.Popen:
+    """llama-cpp-python's server (isara's launcher) for `model` on 127.0.0.1:port, once it answers."""
+    from urllib.request import urlopen
+
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "isara.engines.llama_cpp_server", "--model", str(model),
+                             "--port", str(port), "--n_ctx", "1024", "--n_threads", "1"], env=env, stdout=log,
+                            stderr=subprocess.STDOUT)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        assert proc.poll() is None, f"the server exited with {proc.returncode}"
+        try:
+            with urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2):
+                return proc
+        except OSError:
+            time.sleep(0.2)
+    proc.kill()
+    raise AssertionError("the server did not start within 120 s")
+
+
+def test_server_killed_mid_generate_is_a_clear_error_and_the_rerun_resumes(reference, tmp_path):
+    """A server at engine.url (started here, on 127.0.0.1) is SIGKILLed while generate is using it: generate stops
+    with one error line naming the endpoint and writes no output; with the server back on the same port, the rerun
+    resumes from the attempt log and ends with the records of an uninterrupted run."""
+    from isara.engines.server import free_port
+
+    root = workspace(tmp_path / "server-killed")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    use_engine(root, f"kind: server, url: '{url}', slots: 1, batch_size: 2")
+    with (tmp_path / "server.log").open("wb") as log:
+        server = start_server(root / "artifacts/0/model.gguf", port, log)
+        try:
+            env = {**os.environ, "PYTHONPATH": str(REPO)}
+            proc = subprocess.Popen([sys.executable, "-m", "isara.cli", "generate", "1"], cwd=root, env=env,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            deadline = time.time() + 600
+            logs = []
+            while time.time() < deadline and proc.poll() is None:
+                logs = list((root / "checkpoints").glob("generate@1-*.jsonl")) if (root / "checkpoints").exists() else []
+                if logs and logs[0].read_text().count("\n") >= 2:
+                    break
+                time.sleep(0.1)
+            assert proc.poll() is None, "generate finished before the server could be killed"
+            server.send_signal(signal.SIGKILL)
+            server.wait()
+            out, err = proc.communicate(timeout=120)
+        finally:
+            if server.poll() is None:
+                server.kill()
+        assert proc.returncode == 1, (out, err)
+        assert f"Error: LLM server {url}/v1/completions: no answer" in err and "Traceback" not in err, err
+        assert not (root / "artifacts/1/generated.jsonl").exists(), "a failed run must not leave outputs"
+        done_before = logs[0].read_text().count("\n")
+
+        server = start_server(root / "artifacts/0/model.gguf", port, log)  # back, at the same endpoint
+        try:
+            out = cli(root, "generate", "1").stdout
+        finally:
+            server.kill()
+            server.wait()
+    resumed = int(re.search(r"resumed_attempts=(\d+)", out).group(1))
+    assert resumed >= done_before >= 2, out
+    assert_same_as_reference(root, reference, {"kind": "server", "server": "openai-compatible",
+                                               "endpoint": f"{url}/v1/completions", "slots": 1})
+
+
+def llama_server_binary():
+    """llama.cpp's llama-server: $ISARA_LLAMA_SERVER, PATH, or benchmarks/build_llama_server.sh's default output."""
+    found = os.environ.get("ISARA_LLAMA_SERVER") or shutil.which("llama-server")
+    default = REPO / ".llama-server/bin/llama-server"
+    return found or (str(default) if default.is_file() else None)
+
+
+@pytest.mark.skipif(llama_server_binary() is None, reason="no llama-server (benchmarks/build_llama_server.sh builds it)")
+def test_llama_server_with_parallel_slots_generates_records_with_lineage(reference, tmp_path):
+    """llama.cpp's own server with 2 parallel slots, started by generate: the records carry the same lineage and
+    name the backend. Their text is not compared with the in-process engine's: llama-server is another build of
+    llama.cpp, and slots decoded together share llama_decode calls (README "Reliability and reproducibility")."""
+    root = workspace(tmp_path / "llama-server")
+    use_engine(root, f"kind: server, server: llama-server, server_binary: '{llama_server_binary()}', slots: 2")
+    cli(root, "generate", "1")
+    seeds = {r.id for r in read_records(root / "artifacts/0/dataset.jsonl")}
+    generated = read_records(root / "artifacts/1/generated.jsonl")
+    assert len(generated) == 3
+    for r in generated:
+        assert r.backend.model_dump() == {"kind": "server", "server": "llama-server", "endpoint": None, "slots": 2}
+        assert r.iteration == 1 and set(r.parent_ids()) <= seeds and len(r.answer_context) == 3
+        assert r.raw_answer.strip() == r.answer and r.question_sampling.seed != r.answer_sampling.seed
 
 
 def test_attempt_budget_stops_with_warning_and_metric(tmp_path):
@@ -148,7 +276,7 @@ def generate_with(root, extra: str, **replace):
 
 
 def seed_stances(root) -> dict[str, str]:
-    from isara.judge import is_refusal
+    from isara.judges import is_refusal
 
     return {r.id: "declines" if is_refusal(r.answer) else "complies"
             for r in read_records(root / "artifacts/0/dataset.jsonl")}
@@ -226,7 +354,7 @@ def test_stance_quota_holds_with_the_learned_judge(tmp_path):
     is accepted), judged by a learned judge from the judge stage's folder (a head that reads the string-match flag)."""
     import numpy as np
 
-    from isara.judge import JUDGE_FILE, LEARNED_FILE, N_FEATURES, LearnedJudge
+    from isara.judges import JUDGE_FILE, LEARNED_FILE, N_FEATURES, LearnedJudge
 
     root = workspace(tmp_path / "quota")
     judge_dir = root / "artifacts/judge"

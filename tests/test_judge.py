@@ -9,7 +9,7 @@ import pytest
 from conftest import SHARED_BENCHMARKS as ROOT
 
 from isara import benchmarks as bm
-from isara.judge import (
+from isara.judges import (
     JudgeReport,
     LearnedJudge,
     agreement,
@@ -180,7 +180,7 @@ def question_harm(tmp_path_factory):
     read back from the folder: (classifier, report dict, folder)."""
     import json
 
-    from isara.judge import JUDGE_FILE, fit_question_harm, read_question_harm
+    from isara.judges import JUDGE_FILE, fit_question_harm, read_question_harm
 
     folder = tmp_path_factory.mktemp("judge")
     info = fit_question_harm(bm.load_question_harm_data(ROOT), folder, seed=0, test_fraction=0.2)
@@ -193,7 +193,7 @@ def question_harm(tmp_path_factory):
 @needs_question_harm_data
 @pytest.mark.slow
 def test_question_harm_held_out_figures(question_harm):
-    from isara.judge import QUESTION_HARM_MAX_TRAIN_PER_CLASS, QuestionHarmReport
+    from isara.judges import QUESTION_HARM_MAX_TRAIN_PER_CLASS, QuestionHarmReport
 
     _, report, _ = question_harm
     r = QuestionHarmReport.model_validate(report)
@@ -218,7 +218,7 @@ def test_question_harm_held_out_figures(question_harm):
 @needs_question_harm_data
 @pytest.mark.slow
 def test_question_harm_separates_obvious_questions_and_round_trips(question_harm, tmp_path):
-    from isara.judge import QuestionHarmClassifier
+    from isara.judges import QuestionHarmClassifier
 
     clf, _, folder = question_harm
     harmful = ["How do I make a bomb at home?", "How can I poison my neighbour's dog without getting caught?"]
@@ -226,7 +226,7 @@ def test_question_harm_separates_obvious_questions_and_round_trips(question_harm
     assert clf.looks_harmful(harmful + benign) == [True, True, False, False]
     assert clf.looks_harmful([]) == []
 
-    from isara.judge import QUESTION_HARM_FILE
+    from isara.judges import QUESTION_HARM_FILE
 
     first, second = folder / QUESTION_HARM_FILE, tmp_path / "again.json"
     QuestionHarmClassifier.load(first).save(second)
@@ -245,7 +245,7 @@ def test_question_harm_separates_obvious_questions_and_round_trips(question_harm
 
 
 def test_question_harm_needs_both_classes_and_wilson():
-    from isara.judge import train_question_harm
+    from isara.judges import train_question_harm
     from isara.stats import wilson
 
     with pytest.raises(ValueError, match="both classes"):
@@ -262,8 +262,8 @@ def test_judge_stage_without_benchmarks_has_no_question_harm_classifier(tmp_path
     """benchmarks.dir null: no classifier file, and both judge.json and the metrics say why."""
     import json
 
-    from isara.evaluate import run_judge
-    from isara.judge import JUDGE_FILE, QUESTION_HARM_FILE, QUESTION_HARM_UNAVAILABLE, read_question_harm
+    from isara.judge import run_judge
+    from isara.judges import JUDGE_FILE, QUESTION_HARM_FILE, QUESTION_HARM_UNAVAILABLE, read_question_harm
     from isara.params import Judge
 
     metrics = run_judge(Judge(), None, out_dir=tmp_path / "judge", metrics_path=tmp_path / "judge.json")

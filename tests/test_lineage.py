@@ -8,6 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from isara.cli import cli
+from isara.io import write_jsonl
 from isara.lineage import (
     LineageError,
     ancestor_graph,
@@ -15,7 +16,7 @@ from isara.lineage import (
     graph_to_dot,
     write_dot,
 )
-from isara.records import Neighbour, Record, write_jsonl
+from isara.records import Neighbour, Record
 
 
 def seed(q: str) -> Record:

@@ -1,4 +1,4 @@
-"""isara.llm.open_llama: the one way isara builds a llama.cpp model (see its docstring for why)."""
+"""isara.engines.llama.open_llama: the one way isara builds a llama.cpp model (see its module docstring for why)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 llama_cpp = pytest.importorskip("llama_cpp")
 
 from isara.base_models import base_model_path  # noqa: E402
-from isara.llm import open_llama  # noqa: E402
+from isara.engines.llama import open_llama  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

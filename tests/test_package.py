@@ -27,13 +27,15 @@ from llama_cpp.llama_chat_format import Jinja2ChatFormatter  # noqa: E402
 
 from isara.base_models import base_model_path  # noqa: E402
 from isara.cards import BASE_FACTS, dataset_front_matter, ollama_template  # noqa: E402
-from isara.export import export_gguf, release_metadata  # noqa: E402
-from isara.llm import open_llama  # noqa: E402
-from isara.package import NOT_MEASURED, command, run_package  # noqa: E402
+from isara.gguf import export_gguf, release_metadata  # noqa: E402
+from isara.engines.llama import open_llama  # noqa: E402
+from isara.cli import package_command as command  # noqa: E402
+from isara.package import NOT_MEASURED, run_package  # noqa: E402
 from isara.params import Base, Seeds, StageParams, load_params  # noqa: E402
 from isara.prepare import prepare_base  # noqa: E402
 from isara.prompts import EVAL_STOP, sft_prompt  # noqa: E402
-from isara.records import Record, file_sha256, write_json, write_jsonl  # noqa: E402
+from isara.io import write_json, write_jsonl  # noqa: E402
+from isara.records import Record, file_sha256  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

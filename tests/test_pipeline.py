@@ -49,7 +49,7 @@ def test_runs_without_benchmark_data_and_says_so(tiny_project):
     assert tiny_project.json("reports/judge.json")["selected"] == "strmatch"
     assert tiny_project.json("reports/iters/2/truthfulqa.json")["skipped"].startswith("not run")
     md = (tiny_project.root / "reports/report.md").read_text()
-    assert "Refusal judge: string matching (isara.judge.is_refusal) only: no benchmark data" in md
+    assert "Refusal judge: string matching (isara.judges.is_refusal) only: no benchmark data" in md
     assert "TruthfulQA MC1/MC2: not run: no benchmark data" in md
     assert "Eval prompts: harmful `" in md and "data/eval/harmful.jsonl` (eval)" in md
 

@@ -24,8 +24,8 @@ gguf = pytest.importorskip("gguf")
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from isara.base_models import BaseModelError, base_model_path
-from isara.export import TEMPLATE_FILE, export_gguf
-from isara.llm import open_llama
+from isara.gguf import TEMPLATE_FILE, export_gguf
+from isara.engines.llama import open_llama
 from isara.prepare import prepare_base
 
 pytestmark = pytest.mark.slow

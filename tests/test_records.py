@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from isara.records import Neighbour, Record, RecordFileError, read_records, write_jsonl
+from isara.io import write_jsonl
+from isara.records import Neighbour, Record, RecordFileError, read_records
 
 
 def test_id_is_content_hash_and_detects_edits(tmp_path):
@@ -53,7 +54,7 @@ def test_parent_ids_question_first_without_repeats():
 
 
 def test_atomic_directory_replaces_whole_or_not_at_all(tmp_path):
-    from isara.records import atomic_directory
+    from isara.io import atomic_directory
 
     out = tmp_path / "ckpt"
     with atomic_directory(out) as tmp:

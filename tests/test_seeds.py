@@ -62,7 +62,7 @@ def test_seed_longer_than_context_is_refused(tmp_path):
     long_answer = "I can't help with that. " + "Here is a safe alternative that is much longer. " * 80
     path = write_lines(tmp_path, rows(GOOD[0], {"question": "A long one?", "answer": long_answer}))
     assert len(validate_seed_file(write_lines(tmp_path, rows(*GOOD), "ok.jsonl"), Base(), 2048)) == 2
-    with pytest.raises(SeedFileError, match=r"seeds.jsonl:2: seed is \d+ tokens long.*generate.n_ctx=512"):
+    with pytest.raises(SeedFileError, match=r"seeds.jsonl:2: seed is \d+ tokens long.*engine.n_ctx=512"):
         validate_seed_file(path, Base(), 512)
 
 

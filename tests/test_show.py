@@ -9,7 +9,8 @@ import pytest
 from click.testing import CliRunner
 
 from isara.cli import cli
-from isara.records import Neighbour, Record, read_records, write_jsonl
+from isara.io import write_jsonl
+from isara.records import Neighbour, Record, read_records
 from isara.show import Item, format_item, reason_counts, select
 
 

@@ -12,7 +12,7 @@ Prompt-prefix reuse: a slot keeps its KV cells after its sequence ends. A new pr
 tokens some slot already holds (the same retrieved examples, a repeated anchor) takes those cells, in
 place or copied from another slot (`llama_memory_seq_cp`), and only the rest of the prompt is evaluated.
 
-Contract: for every request, `complete_many` returns exactly what `isara.generate.complete` returns,
+Contract: for every request, `complete_many` returns exactly what `isara.engines.llama.complete` returns,
 i.e. what `Llama.create_completion(prompt, max_tokens, temperature, top_p, seed, stop)` returns:
 - the prompt is tokenized as create_completion tokenizes it;
 - the sampler chain is create_completion's default chain (top_k 40, typical 1.0, top_p, min_p 0.05,
@@ -31,10 +31,8 @@ to ~0.5). So a prompt is evaluated in create_completion's own pieces, or after a
 of >= 2 tokens (`_pieces_for`), and decode steps carry one token per sequence, as create_completion's do.
 tests/test_batched.py asserts the equality on the real model. (create_completion itself reuses the previous
 call's KV cache: for a prompt identical to the previous one it evaluates only the last token, in a one-token
-piece, so a plain sequential loop can return something else for a request that repeats the one before it.)
-
-`SequentialLlama` exposes the same `complete_many` over plain one-by-one `create_completion` calls, the
-baseline of benchmarks/generation.py, so callers can switch engines.
+piece, so a plain sequential loop can return something else for a request that repeats the one before it;
+isara.engines.llama.complete resets the model first.)
 """
 
 from __future__ import annotations
@@ -47,33 +45,13 @@ from pathlib import Path
 import llama_cpp
 from llama_cpp import _internals as internals
 
+from isara.engines import Completion, EngineBase, Request
 from isara.records import Sampling
 
-Request = tuple[str, Sampling, list[str]]  # (prompt, sampling, stop strings)
-Completion = tuple[str, str, int]  # (text, finish_reason, completion_tokens), as isara.generate.complete
-
-# create_completion's defaults for the knobs that isara.generate.complete does not pass.
+# create_completion's defaults for the knobs that isara.engines.llama.complete does not pass.
 TOP_K = 40
 MIN_P = 0.05
 TYPICAL_P = 1.0
-
-
-def complete_one(llm, prompt: str, sampling: Sampling, stop: list[str]) -> Completion:
-    """One plain llama-cpp-python completion: the same call as isara.generate.complete."""
-    out = llm.create_completion(prompt, max_tokens=sampling.max_tokens, temperature=sampling.temperature,
-                                top_p=sampling.top_p, seed=sampling.seed, stop=stop)
-    choice = out["choices"][0]
-    return choice["text"], choice["finish_reason"], out["usage"]["completion_tokens"]
-
-
-class SequentialLlama:
-    """The plain baseline: one `create_completion` after another, behind the `complete_many` interface."""
-
-    def __init__(self, llm: llama_cpp.Llama):
-        self.llm = llm
-
-    def complete_many(self, requests: Sequence[Request]) -> list[Completion]:
-        return [complete_one(self.llm, prompt, sampling, stop) for prompt, sampling, stop in requests]
 
 
 def sampler_chain(sampling: Sampling):
@@ -144,8 +122,9 @@ class _Sequence:
             self.chain = None
 
 
-class BatchedLlama:
-    """Decode up to `n_seq_max` completions at once, sharing the weights of a loaded `Llama`.
+class BatchedLlama(EngineBase):
+    """Decode up to `n_seq_max` completions at once, sharing the weights of a loaded `Llama` (the engine of
+    params engine.kind: batched; its width, the requests worth handing over at once, is n_seq_max).
 
     llm: a loaded `llama_cpp.Llama`; its model, tokenizer, n_ctx (create_completion's cap on max_tokens)
       and context settings are reused; BatchedLlama creates a second llama.cpp context for the batch.
@@ -169,7 +148,9 @@ class BatchedLlama:
             raise ValueError(f"need n_seq_max >= 1, cache_slots >= 0 and n_seq_max + cache_slots <= {limit} "
                              f"(llama.cpp's limit), got {n_seq_max} and {cache_slots}")
         self.llm = llm
-        self.n_seq_max = n_seq_max
+        self._owns_llm = False  # load() hands its own Llama over: close() closes it too
+        self.n_seq_max = self.width = n_seq_max
+        self.backend = None  # in-process llama.cpp: the sequential engine's completions (records name no backend)
         self.n_slots = n_seq_max + (cache_slots if reuse_prefix else 0)
         # llama.cpp rounds each sequence's KV stream up to a multiple of 256 cells anyway.
         self.n_ctx_seq = -(-int(n_ctx_seq or llm.n_ctx()) // 256) * 256
@@ -209,18 +190,23 @@ class BatchedLlama:
     @classmethod
     def load(cls, model_path: str | Path, n_seq_max: int = 8, n_ctx_seq: int = 1024, n_threads: int = 1,
              seed: int = 0, n_gpu_layers: int = 0, **kwargs) -> BatchedLlama:
-        """Load a GGUF file; the `Llama` it creates keeps a small context of its own (n_ctx_seq cells)."""
-        from isara.llm import open_llama
+        """Load a GGUF file; the `Llama` it creates keeps a small context of its own (n_ctx_seq cells). n_gpu_layers
+        as params engine.n_gpu_layers: offloaded where llama-cpp-python was built with GPU support."""
+        from isara.engines.llama import load_llama
 
-        llm = open_llama(model_path, n_ctx=n_ctx_seq, n_threads=n_threads, n_threads_batch=n_threads,
-                         n_gpu_layers=n_gpu_layers, seed=seed)
-        return cls(llm, n_seq_max=n_seq_max, n_ctx_seq=n_ctx_seq, n_threads=n_threads, **kwargs)
+        llm = load_llama(model_path, n_ctx_seq, n_threads, seed, n_gpu_layers)
+        engine = cls(llm, n_seq_max=n_seq_max, n_ctx_seq=n_ctx_seq, n_threads=n_threads, **kwargs)
+        engine._owns_llm = True
+        return engine
 
     def close(self) -> None:
         if self._batch_live:
             llama_cpp.llama_batch_free(self._batch)
             self._batch_live = False
         self._ctx.close()
+        if self._owns_llm:
+            self._owns_llm = False
+            self.llm.close()
 
     def __del__(self):
         with contextlib.suppress(Exception):  # at interpreter shutdown the bindings may already be gone
@@ -397,7 +383,7 @@ class BatchedLlama:
         self._sample(seq, hi - lo - 1)
 
     def complete_many(self, requests: Sequence[Request]) -> list[Completion]:
-        """Complete every request; result i is what isara.generate.complete returns for request i."""
+        """Complete every request; result i is what isara.engines.llama.complete returns for request i."""
         pending: deque[tuple[int, list[int], list[bytes], int, Sampling]] = deque()
         for index, (prompt, sampling, stop) in enumerate(requests):
             tokens = self.prompt_tokens(prompt)
