@@ -1,13 +1,15 @@
 """The `isara` command, and the only module that imports click (README "Architecture").
 
 Each pipeline stage is a subcommand with the same word in dvc.yaml, params.yaml and isara/<stage>.py;
-stages/<stage>.py runs that same command under DVC. A command imports its stage module inside its own function:
-`isara lineage` does not import torch, and a stage's code deps (tests/test_dvc_deps.py) are cli.py's module-level
-imports plus its own command's, not every command's. Keep module-level imports here to contracts and console.py.
+stages/<stage>.py imports its stage module and runs that same command under DVC. A command loads what it runs by
+name (`_load`), when it runs: `isara lineage` does not import torch, and the static import closure of
+stages/<stage>.py, the code deps dvc.yaml must list (tests/test_dvc_deps.py), is its own stage's code plus this
+module's module-level imports, not every command's. Keep module-level imports here to contracts and console.py.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import sys
@@ -16,8 +18,9 @@ from pathlib import Path
 import click
 
 from isara.console import UserError, echo_metrics, guard, resolve_prev, stage_params
-from isara.params import DEFAULT_PARAMS, load_params
-from isara.paths import ARTIFACTS, BASELINES, REPORTS
+from isara.io import write_json
+from isara.params import DEFAULT_PARAMS, Engine, load_params
+from isara.paths import ARTIFACTS, BASELINES, REPORTS, iter_paths
 
 # The pipeline's stages in dvc.yaml's order (so `isara --help` lists them so), then the tools.
 STAGES = ["seeds", "prepare", "index", "generate", "finetune", "export", "datacard", "judge", "evaluate", "baseline",
@@ -57,8 +60,16 @@ class StageGroup(Group):
         return [name for name in [*STAGES, *TOOLS] if name in self.commands] + rest
 
 
+def _load(module: str, *names: str):
+    """isara.<module>'s names, imported when a command runs (see the docstring: why not an import statement)."""
+    loaded = importlib.import_module(f"isara.{module}")
+    values = [getattr(loaded, name) for name in names]
+    return values[0] if len(values) == 1 else values
+
+
 iteration_argument = click.argument("iteration")
-prev_option = click.option("--prev", default=None, help="Iteration to start from (default: params iterations.<t>.prev).")
+prev_option = click.option("--prev", default=None,
+                           help="Iteration to start from (default: params iterations.<t>.prev).")
 
 
 def _evaluation_headline(metrics: dict) -> dict:
@@ -82,8 +93,7 @@ def cli() -> None:
 def seeds_command(ctx: click.Context) -> None:
     """seeds stage: validate the seed file (params seeds.path) and write D0 with record ids."""
     if ctx.invoked_subcommand is None:
-        from isara.paths import iter_paths
-        from isara.seeds import run_seeds
+        run_seeds = _load("seeds", "run_seeds")
 
         p = stage_params()
         records = guard(run_seeds, p.seeds.path, p.base, p.engine.n_ctx)
@@ -96,7 +106,7 @@ def seeds_command(ctx: click.Context) -> None:
               help="params file giving base.model and engine.n_ctx")
 def seeds_check(file: str, params_path: str) -> None:
     """Validate a seed file with exactly the rules the pipeline applies."""
-    from isara.seeds import validate_seed_file
+    validate_seed_file = _load("seeds", "validate_seed_file")
 
     p = guard(load_params, params_path)
     records = guard(validate_seed_file, file, p.base, p.engine.n_ctx)
@@ -106,7 +116,7 @@ def seeds_check(file: str, params_path: str) -> None:
 @cli.command("prepare")
 def prepare_command() -> None:
     """prepare stage: copy the base GGUF (params base.model) and convert it to a transformers checkpoint."""
-    from isara.prepare import run_prepare
+    run_prepare = _load("prepare", "run_prepare")
 
     p = stage_params()
     echo_metrics("prepare", guard(run_prepare, p.base))
@@ -117,7 +127,7 @@ def prepare_command() -> None:
 @prev_option
 def index_command(iteration: str, prev: str | None) -> None:
     """index@ITERATION: embed the questions of D(prev) and build the Annoy index."""
-    from isara.index import run_index
+    run_index = _load("index", "run_index")
 
     p = stage_params()
     echo_metrics(f"index@{iteration}", guard(run_index, iteration, resolve_prev(iteration, prev), p.index))
@@ -128,7 +138,7 @@ def index_command(iteration: str, prev: str | None) -> None:
 @prev_option
 def generate_command(iteration: str, prev: str | None) -> None:
     """generate@ITERATION: M(prev) writes new QA pairs by retrieval-augmented ICL; D(t) = D(prev) + accepted."""
-    from isara.generate import run_generate
+    run_generate = _load("generate", "run_generate")
 
     p = stage_params()
     echo_metrics(f"generate@{iteration}", guard(run_generate, iteration, resolve_prev(iteration, prev), p.generate,
@@ -140,7 +150,7 @@ def generate_command(iteration: str, prev: str | None) -> None:
 @prev_option
 def finetune_command(iteration: str, prev: str | None) -> None:
     """finetune@ITERATION: SFT of M(prev) (or M0, finetune.init) on D(t), loss on answer tokens only."""
-    from isara.finetune import run_finetune
+    run_finetune = _load("finetune", "run_finetune")
 
     p = stage_params()
     echo_metrics(f"finetune@{iteration}", guard(run_finetune, iteration, resolve_prev(iteration, prev), p.finetune,
@@ -151,7 +161,7 @@ def finetune_command(iteration: str, prev: str | None) -> None:
 @iteration_argument
 def export_command(iteration: str) -> None:
     """export@ITERATION: convert M(t) to GGUF for the next round's llama.cpp."""
-    from isara.export import run_export
+    run_export = _load("export", "run_export")
 
     p = stage_params()
     echo_metrics(f"export@{iteration}", guard(run_export, iteration, p.export, p.seeds, p.base))
@@ -162,7 +172,7 @@ def export_command(iteration: str) -> None:
 def datacard_command(iteration: str) -> None:
     """datacard@ITERATION: the data card of iteration t: volume, rejections, diversity, seed influence,
     retrieval distances, lengths and examples (reports/datacards/<t>.md, figures in reports/iters/<t>)."""
-    from isara.datacard import run_datacard
+    run_datacard = _load("datacard", "run_datacard")
 
     p = stage_params()
     m = guard(run_datacard, iteration, p.datacard, p.seeds, p.base, stance_judge=p.generate.stance_judge)
@@ -173,7 +183,7 @@ def datacard_command(iteration: str) -> None:
 @cli.command("judge")
 def judge_command() -> None:
     """judge stage: train the learned refusal judge on XSTest's human labels (params `judge`)."""
-    from isara.judge import run_judge
+    run_judge = _load("judge", "run_judge")
 
     p = stage_params()
     echo_metrics("judge", _evaluation_headline(guard(run_judge, p.judge, p.benchmarks.dir)))
@@ -183,7 +193,7 @@ def judge_command() -> None:
 @iteration_argument
 def evaluate_command(iteration: str) -> None:
     """evaluate@ITERATION: harmful rate and over-refusal of artifacts/<t>/model.gguf (params `evaluate`)."""
-    from isara.evaluate import run_evaluate
+    run_evaluate = _load("evaluate", "run_evaluate")
 
     p = stage_params()
     metrics = guard(run_evaluate, iteration, p.evaluate, p.benchmarks.dir, base_format=p.base.format,
@@ -200,7 +210,7 @@ def baseline_command() -> None:
 @click.argument("name", type=click.Choice(BASELINES))
 def baseline_evaluate(name: str) -> None:
     """baseline@NAME: harmful rate and over-refusal of a baseline (params `evaluate`)."""
-    from isara.baseline import run_baseline
+    run_baseline = _load("baseline", "run_baseline")
 
     p = stage_params()
     metrics = guard(run_baseline, name, p.evaluate, p.benchmarks.dir, base_format=p.base.format,
@@ -211,7 +221,7 @@ def baseline_evaluate(name: str) -> None:
 @baseline_command.command("sft-seed")
 def baseline_sft_seed() -> None:
     """baseline_sft_seed: fine-tune M0 on the seed set only (params `finetune`, `export`)."""
-    from isara.baseline import run_sft_seed
+    run_sft_seed = _load("baseline", "run_sft_seed")
 
     p = stage_params()
     m = guard(run_sft_seed, p.finetune, p.export, seeds=p.seeds, base=p.base)
@@ -221,7 +231,7 @@ def baseline_sft_seed() -> None:
 @baseline_command.command("one-shot")
 def baseline_one_shot() -> None:
     """baseline_one_shot: generate N x T samples from M0 in one round, fine-tune M0 on D0 + them."""
-    from isara.baseline import run_one_shot
+    run_one_shot = _load("baseline", "run_one_shot")
 
     p = stage_params()
     echo_metrics("baseline_one_shot", guard(run_one_shot, p.generate, len(p.iterations), p.finetune, p.export,
@@ -232,7 +242,7 @@ def baseline_one_shot() -> None:
 @click.argument("target")
 def truthfulqa_command(target: str) -> None:
     """truthfulqa@ITERATION (or TARGET=base: truthfulqa_base): TruthfulQA MC1/MC2 on questions not in the seeds."""
-    from isara.truthfulqa import run_truthfulqa
+    run_truthfulqa = _load("truthfulqa", "run_truthfulqa")
 
     p = stage_params()
     name = "truthfulqa_base" if target == "base" else f"truthfulqa@{target}"
@@ -242,8 +252,7 @@ def truthfulqa_command(target: str) -> None:
 @cli.command("report")
 def report_command() -> None:
     """report stage: pipeline-wide metrics (data set growth, scaling ratio, losses, stage times)."""
-    from isara.paths import iter_paths
-    from isara.report import run_report
+    run_report = _load("report", "run_report")
 
     stage_params()  # validate before work, like every stage
     echo_metrics("report", guard(run_report, iter_paths(0).dataset))
@@ -254,7 +263,7 @@ def report_command() -> None:
 def package_command(target: str) -> None:
     """package TARGET: model card, Ollama Modelfile and license files of M(TARGET) (an iteration) or of a fine-tuned
     baseline (sft_seed, one_shot), in its artifacts folder's package/."""
-    from isara.package import run_package
+    run_package = _load("package", "run_package")
 
     p = stage_params()
     m = guard(run_package, target, p)
@@ -268,8 +277,7 @@ def package_command(target: str) -> None:
               help=f"Also write the summary as JSON (the DVC stage writes {REPORTS / 'audit.json'}).")
 def audit_command(root: str, metrics_path: str | None) -> None:
     """Verify artifacts against dvc.lock and every generated record's lineage; exit 1 naming each break."""
-    from isara.audit import run_audit
-    from isara.io import write_json
+    run_audit = _load("audit", "run_audit")
 
     if os.environ.get("DVC_STAGE"):
         iterations = stage_params().iterations  # under dvc repro: only the declared sections
@@ -300,9 +308,7 @@ def audit_command(root: str, metrics_path: str | None) -> None:
 def truthfulqa_score(model_path: str, csv_path: str | None, limit: int, exclude: str | None, out: str | None,
                      threads: int) -> None:
     """TruthfulQA MC1/MC2 of any GGUF model from answer log-likelihoods (llama.cpp), outside the pipeline."""
-    from isara.io import write_json
-    from isara.params import Engine
-    from isara.truthfulqa import default_csv, evaluate_mc, heldout_items
+    default_csv, evaluate_mc, heldout_items = _load("truthfulqa", "default_csv", "evaluate_mc", "heldout_items")
 
     skip = set()
     if exclude:
@@ -327,8 +333,9 @@ def truthfulqa_score(model_path: str, csv_path: str | None, limit: int, exclude:
 @click.option("--seed", default=0, show_default=True)
 def truthfulqa_seeds(out: str, heldout: str | None, csv_path: str | None, n: int, seed: int) -> None:
     """The truthfulness-domain seed set: N TruthfulQA questions stratified by category, Best Answer as answer."""
-    from isara.benchmarks import load_truthfulqa
-    from isara.truthfulqa import default_csv, stratified_seed_split, write_rows
+    load_truthfulqa = _load("benchmarks", "load_truthfulqa")
+    default_csv, stratified_seed_split, write_rows = _load(
+        "truthfulqa", "default_csv", "stratified_seed_split", "write_rows")
 
     items = guard(load_truthfulqa, Path(csv_path) if csv_path else guard(default_csv))
     seeds, held = guard(stratified_seed_split, items, n, seed)
@@ -361,7 +368,7 @@ def show_command(iteration: str | None, status: str | None, reason: str | None, 
                  artifacts: str) -> None:
     """Browse ITERATION's accepted records or rejected attempts (default: the latest iteration's accepted
     records; 0: the seeds), each with the id `isara lineage` takes: its own, or a rejected attempt's anchor."""
-    from isara.show import show_text
+    show_text = _load("show", "show_text")
 
     if reason is not None and status == "accepted":
         raise click.UsageError("--reason selects rejected attempts; it cannot be combined with --accepted")
@@ -391,17 +398,13 @@ def params_check(path: str) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the ancestor graph as JSON (nodes and edges) instead.")
 def lineage(record_id: str, artifacts: str, as_json: bool) -> None:
     """Print the chain of in-context examples from RECORD_ID (or an unambiguous prefix) back to the seeds."""
-    from isara.lineage import (
-        lineage_lines,
-        load_all_records,
-        resolve_id,
-        seed_ancestors,
-    )
+    lineage_lines, load_all_records, resolve_id, seed_ancestors = _load(
+        "lineage", "lineage_lines", "load_all_records", "resolve_id", "seed_ancestors")
 
     by_id = guard(load_all_records, Path(artifacts))
     record = guard(resolve_id, record_id, by_id)
     if as_json:
-        from isara.lineage import ancestor_graph
+        ancestor_graph = _load("lineage", "ancestor_graph")
 
         click.echo(json.dumps(ancestor_graph(record, by_id), indent=2, ensure_ascii=False))
         return
@@ -420,8 +423,8 @@ def lineage(record_id: str, artifacts: str, as_json: bool) -> None:
 def lineage_graph(record_id: str | None, out: str, fmt: str, json_out: str | None, artifacts: str) -> None:
     """Export the descendants of RECORD_ID (usually a seed; a prefix works) as a picture: Graphviz DOT, plus
     SVG/PNG when Graphviz is available. Without RECORD_ID, the whole lineage graph of every record."""
-    from isara.io import write_json
-    from isara.lineage import descendant_graph, load_all_records, resolve_id, write_dot
+    descendant_graph, load_all_records, resolve_id, write_dot = _load(
+        "lineage", "descendant_graph", "load_all_records", "resolve_id", "write_dot")
 
     by_id = guard(load_all_records, Path(artifacts))
     root = guard(resolve_id, record_id, by_id).id if record_id else None

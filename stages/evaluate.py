@@ -9,6 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import isara.evaluate  # noqa: E402,F401  (its code is what DVC hashes: tests/test_dvc_deps.py)
 from isara.cli import evaluate_command  # noqa: E402
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
 """dvc.yaml lists, for every stage, each isara module its code can import (directly, transitively, or inside a
 function): a module it runs but does not list would leave DVC's cache stale after an edit to that module.
 
-A stages/<x>.py shim runs a command of isara/cli.py, which holds every command: for it, cli.py contributes its
-module-level imports and those inside the command(s) the shim takes (and their subcommands), not every command's,
-so that each stage depends on its own code only. (So a cli.py command keeps its imports in its own body.)
+A stages/<x>.py shim imports its stage module and runs a command of isara/cli.py, which holds every command and
+loads what a command runs by name when it runs: so the plain static closure of the shim is the stage's own code
+plus cli.py's module-level imports, exactly what runs, and each stage depends on its own code only.
 """
 
 from __future__ import annotations
@@ -32,11 +32,10 @@ def module_files(name: str) -> set[str]:
 CLI = "isara/cli.py"
 
 
-def isara_imports(path: Path, tree: ast.AST | None = None) -> set[str]:
-    """Repo-relative paths of the isara modules `path` (or the part `tree` of it) imports anywhere in its code."""
+def isara_imports(path: Path) -> set[str]:
+    """Repo-relative paths of the isara modules `path` imports anywhere in its code."""
     found = set()
-    tree = tree if tree is not None else ast.parse(path.read_text(encoding="utf-8"))
-    for node in ast.walk(tree):
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "isara":
             # `from isara.engines import batched` imports the module isara.engines.batched (if there is one)
             names = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
@@ -49,38 +48,12 @@ def isara_imports(path: Path, tree: ast.AST | None = None) -> set[str]:
     return found
 
 
-def cli_imports(commands: set[str]) -> set[str]:
-    """What running the cli.py commands (function names) `commands` imports: cli.py's module-level imports (all but
-    the function bodies) plus those in the commands' functions and in their subcommands' (`@<command>.command`)."""
-    tree = ast.parse((REPO / CLI).read_text(encoding="utf-8"))
-
-    def runs(node: ast.stmt) -> bool:
-        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            return True
-        parents = {d.func.value.id for d in node.decorator_list if isinstance(d, ast.Call)
-                   and isinstance(d.func, ast.Attribute) and isinstance(d.func.value, ast.Name)}
-        return node.name in commands or bool(parents & commands)
-
-    return isara_imports(REPO / CLI, ast.Module(body=[n for n in tree.body if runs(n)], type_ignores=[]))
-
-
-def code_imports(path: Path) -> set[str]:
-    """isara_imports, where an import from isara.cli counts as cli_imports of the commands it takes."""
-    found = isara_imports(path)
-    if CLI in found:
-        commands = {a.name for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
-                    if isinstance(node, ast.ImportFrom) and node.module == "isara.cli" for a in node.names}
-        found |= cli_imports(commands)
-    return found
-
-
 def closure(entry: str) -> set[str]:
     seen, todo = set(), [entry]
     while todo:
-        for module in code_imports(REPO / todo.pop()) - seen:
+        for module in isara_imports(REPO / todo.pop()) - seen:
             seen.add(module)
-            if module != CLI:  # cli.py's part is what code_imports took from it: the stage's own command
-                todo.append(module)
+            todo.append(module)
     return seen
 
 
