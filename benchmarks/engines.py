@@ -32,6 +32,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from generation import load_average  # noqa: E402  (benchmarks/generation.py: same load figure)
 from isara.base_models import base_model_path
 from isara.engines import open_engine
 from isara.generate import generate_samples
@@ -64,13 +65,6 @@ def backends(args, llama_server: str | None) -> list[tuple[str, Engine]]:
                          Engine(kind="server", server="llama-server", server_binary=Path(llama_server), slots=slots,
                                 batch_size=max(args.batch_size, slots), **common)))
     return rows
-
-
-def load_average() -> str:
-    try:
-        return " ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "n/a"
 
 
 def main() -> None:

@@ -87,21 +87,27 @@ def test_batched_engine_writes_what_the_sequential_one_writes(reference, tmp_pat
         assert (root / "artifacts/1" / name).read_bytes() == (reference / "artifacts/1" / name).read_bytes(), name
 
 
-def test_killed_generate_resumes_to_identical_records(reference, tmp_path):
-    root = workspace(tmp_path / "killed")
-    # The batched engine in batches of 2 attempts: the log grows batch by batch, and neither the kill nor the
-    # engine may change the records (the reference ran sequentially).
-    use_engine(root, "kind: batched, batch_size: 2")
+def generate_until_logged(root, **popen):
+    """Start `isara generate 1` in root and return (the process, its attempt logs) once the log holds 2 attempts,
+    or when it ends or 600 s pass: the moment to kill it (or its server) mid-run."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-m", "isara.cli", "generate", "1"], cwd=root, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, "-m", "isara.cli", "generate", "1"], cwd=root, env=env, **popen)
     deadline = time.time() + 600
     logs = []
     while time.time() < deadline and proc.poll() is None:
         logs = list((root / "checkpoints").glob("generate@1-*.jsonl")) if (root / "checkpoints").exists() else []
         if logs and logs[0].read_text().count("\n") >= 2:
             break
-        time.sleep(0.2)
+        time.sleep(0.1)
+    return proc, logs
+
+
+def test_killed_generate_resumes_to_identical_records(reference, tmp_path):
+    root = workspace(tmp_path / "killed")
+    # The batched engine in batches of 2 attempts: the log grows batch by batch, and neither the kill nor the
+    # engine may change the records (the reference ran sequentially).
+    use_engine(root, "kind: batched, batch_size: 2")
+    proc, logs = generate_until_logged(root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     assert proc.poll() is None, "generate finished before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -179,16 +185,7 @@ def test_server_killed_mid_generate_is_a_clear_error_and_the_rerun_resumes(refer
     with (tmp_path / "server.log").open("wb") as log:
         server = start_server(root / "artifacts/0/model.gguf", port, log)
         try:
-            env = {**os.environ, "PYTHONPATH": str(REPO)}
-            proc = subprocess.Popen([sys.executable, "-m", "isara.cli", "generate", "1"], cwd=root, env=env,
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            deadline = time.time() + 600
-            logs = []
-            while time.time() < deadline and proc.poll() is None:
-                logs = list((root / "checkpoints").glob("generate@1-*.jsonl")) if (root / "checkpoints").exists() else []
-                if logs and logs[0].read_text().count("\n") >= 2:
-                    break
-                time.sleep(0.1)
+            proc, logs = generate_until_logged(root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             assert proc.poll() is None, "generate finished before the server could be killed"
             server.send_signal(signal.SIGKILL)
             server.wait()
