@@ -215,6 +215,7 @@ def run_attempts(engine, model_sha256: str, retriever: Retriever, known: KnownQu
     distance = {i: levers.nearest_distance(vectors[i], a_neighbours[i]) for i in screened}
     to_answer = [i for i in screened if domain_reason(distance[i], levers.domain_threshold) is None]
     a_sampling = {i: Sampling(temperature=cfg.answer_temperature, top_p=cfg.top_p, max_tokens=cfg.max_answer_tokens,
+                              repeat_penalty=cfg.answer_repeat_penalty,
                               seed=attempt_seed(cfg.seed, iteration, first + i, 1)) for i in to_answer}
     a_out = dict(zip(to_answer, engine.complete_many(
         [(answer_prompt(a_neighbours[i], questions[i]), a_sampling[i], ANSWER_STOP) for i in to_answer])))

@@ -36,6 +36,16 @@ class Sampling(BaseModel):
     top_p: float
     max_tokens: int
     seed: int
+    # llama.cpp's repeat penalty over the last 64 generated tokens (create_completion's). Left out of the dump (and
+    # so of the content id) at 1.0, the value that changes nothing, so records written before it existed keep their ids.
+    repeat_penalty: float = 1.0
+
+    @model_serializer(mode="wrap")
+    def _omit_neutral_penalty(self, handler):
+        data = handler(self)
+        if isinstance(data, dict) and data.get("repeat_penalty") == 1.0:
+            del data["repeat_penalty"]
+        return data
 
 
 class Backend(BaseModel):

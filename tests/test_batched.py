@@ -111,6 +111,19 @@ def test_sampled_batch_equals_sequential_and_is_deterministic(llm, engine, sampl
     assert again == first  # ...and changed nothing
 
 
+def test_repeat_penalty_equals_sequential(llm, engine, greedy, sampled):
+    """generate.answer_repeat_penalty: the batched chain's penalties sampler sees what create_completion's sees."""
+    for requests in (greedy, sampled):
+        penalised = [(p, s.model_copy(update={"repeat_penalty": 1.5, "max_tokens": 48}), stop)
+                     for p, s, stop in requests]
+        expected = reference(llm, penalised)
+        assert engine.complete_many(penalised) == expected
+        plain = reference(llm, [(p, s.model_copy(update={"repeat_penalty": 1.0}), stop) for p, s, stop in penalised])
+        assert expected != plain  # the penalty really reached the sampler
+    assert "repeat_penalty" not in penalised[0][1].model_copy(update={"repeat_penalty": 1.0}).model_dump()
+    assert penalised[0][1].model_dump()["repeat_penalty"] == 1.5
+
+
 def test_result_does_not_depend_on_batch_composition(llm, engine, sampled):
     in_batch = engine.complete_many(sampled)
     alone = BatchedLlama(llm, n_seq_max=1, n_ctx_seq=N_CTX, n_threads=1, reuse_prefix=False)

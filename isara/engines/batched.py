@@ -13,7 +13,7 @@ tokens some slot already holds (the same retrieved examples, a repeated anchor) 
 place or copied from another slot (`llama_memory_seq_cp`), and only the rest of the prompt is evaluated.
 
 Contract: for every request, `complete_many` returns exactly what `isara.engines.llama.complete` returns,
-i.e. what `Llama.create_completion(prompt, max_tokens, temperature, top_p, seed, stop)` returns:
+i.e. what `Llama.create_completion(prompt, max_tokens, temperature, top_p, seed, stop, repeat_penalty)` returns:
 - the prompt is tokenized as create_completion tokenizes it;
 - the sampler chain is create_completion's default chain (top_k 40, typical 1.0, top_p, min_p 0.05,
   temperature, then `dist` seeded with the request's seed; greedy when temperature == 0), built from
@@ -52,16 +52,21 @@ from isara.records import Sampling
 TOP_K = 40
 MIN_P = 0.05
 TYPICAL_P = 1.0
+PENALTY_LAST_N = 64  # Llama(last_n_tokens_size=64)
 
 
-def sampler_chain(sampling: Sampling):
+def sampler_chain(sampling: Sampling, n_vocab: int):
     """create_completion's sampler chain (Llama._init_sampler with its defaults) for one request.
 
-    The penalties sampler that _init_sampler puts first is left out: with create_completion's defaults
-    (repeat 1.0, frequency 0, presence 0) it changes nothing. Free the chain with llama_sampler_free.
+    The penalties sampler that _init_sampler puts first (over the last 64 sampled tokens: llama_sampler_sample
+    feeds it each token it picks, never the prompt's) is left out at repeat penalty 1.0, where it changes
+    nothing. Free the chain with llama_sampler_free.
     """
     chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
     samplers = []
+    if sampling.repeat_penalty != 1.0:
+        samplers.append(llama_cpp.llama_sampler_init_penalties(n_vocab, PENALTY_LAST_N, sampling.repeat_penalty,
+                                                               0.0, 0.0))
     if sampling.temperature < 0.0:
         samplers.append(llama_cpp.llama_sampler_init_dist(sampling.seed))
     elif sampling.temperature == 0.0:
@@ -106,10 +111,10 @@ class _Sequence:
     )
 
     def __init__(self, index: int, slot: int, prompt_tokens: list[int], stop: list[bytes], max_tokens: int,
-                 sampling: Sampling):
+                 sampling: Sampling, n_vocab: int):
         self.index, self.slot = index, slot
         self.prompt_tokens, self.stop, self.max_tokens = prompt_tokens, stop, max_tokens
-        self.chain = sampler_chain(sampling)
+        self.chain = sampler_chain(sampling, n_vocab)
         self.tokens: list[int] = []  # completion tokens, end-of-generation token excluded
         self.text = b""
         self.multibyte_fix = 0
@@ -405,7 +410,8 @@ class BatchedLlama(EngineBase):
                 new = []
                 while pending and len(live) + len(new) < self.n_seq_max:
                     index, tokens, stop, max_tokens, sampling = pending.popleft()
-                    seq = _Sequence(index, self._claim_slot(tokens), tokens, stop, max_tokens, sampling)
+                    seq = _Sequence(index, self._claim_slot(tokens), tokens, stop, max_tokens, sampling,
+                                    self.llm.n_vocab())
                     new.append(seq)
                     started.append(seq)
                 for seq in new:

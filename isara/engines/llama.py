@@ -80,7 +80,8 @@ def complete(llm, prompt: str, sampling: Sampling, stop: list[str]) -> Completio
     the previous call, and the result of a completion would depend on what ran before it (breaking resume)."""
     llm.reset()
     out = llm.create_completion(prompt, max_tokens=sampling.max_tokens, temperature=sampling.temperature,
-                                top_p=sampling.top_p, seed=sampling.seed, stop=stop)
+                                top_p=sampling.top_p, seed=sampling.seed, stop=stop,
+                                repeat_penalty=sampling.repeat_penalty)
     choice = out["choices"][0]
     return choice["text"], choice["finish_reason"], out["usage"]["completion_tokens"]
 

@@ -42,9 +42,9 @@ from isara.paths import resolve_path
 from isara.records import Backend
 
 # create_completion's defaults for the sampler knobs OpenAI's API does not have (isara.engines.batched names them).
+# repeat_penalty is always sent: llama-cpp-python's server defaults it to 1.1, create_completion to 1.0.
 TOP_K = 40
 MIN_P = 0.05
-REPEAT_PENALTY = 1.0  # llama-cpp-python's server defaults to 1.1, create_completion to 1.0
 
 
 class ServerError(ConnectionError):
@@ -256,7 +256,7 @@ class ServerEngine(EngineBase):
         prompt, sampling, stop = request
         out = self._post({"prompt": prompt, "max_tokens": sampling.max_tokens, "temperature": sampling.temperature,
                           "top_p": sampling.top_p, "seed": sampling.seed, "stop": list(stop), "top_k": TOP_K,
-                          "min_p": MIN_P, "repeat_penalty": REPEAT_PENALTY, "stream": False,
+                          "min_p": MIN_P, "repeat_penalty": sampling.repeat_penalty, "stream": False,
                           **({"model": self.model} if self.model else {})})
         try:
             choice = out["choices"][0]
