@@ -77,7 +77,7 @@ class Generate(Section):
     k_answer: int = Field(4, ge=1, le=32)
     temperature: float = Field(0.8, ge=0.0, le=5.0)
     answer_temperature: float = Field(0.3, ge=0.0, le=5.0)
-    answer_repeat_penalty: float = Field(1.0, ge=1.0, le=2.0)
+    answer_repeat_penalty: float = Field(1.1, ge=1.0, le=2.0)
     top_p: float = Field(0.95, gt=0.0, le=1.0)
     max_question_tokens: int = Field(64, ge=4)
     max_answer_tokens: int = Field(128, ge=4)
