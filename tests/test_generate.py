@@ -364,7 +364,9 @@ def test_stance_quota_holds_with_the_learned_judge(tmp_path):
     (judge_dir / JUDGE_FILE).write_text(json.dumps({"learned": True, "learned_agreement": 0.95,
                                                     "strmatch_agreement": 0.9}))
     metrics, generated, rejected = generate_with(
-        root, "out_of_domain: off, stance_consistency: false, stance_band: 0.0", **{"max_attempts: 30": "max_attempts: 12"})
+        # answer_repeat_penalty 1.0: the budget was picked for answers sampled without it (one of them complies).
+        root, "out_of_domain: off, stance_consistency: false, stance_band: 0.0, answer_repeat_penalty: 1.0",
+        **{"max_attempts: 30": "max_attempts: 12"})
     filters = metrics["filters"]
     assert filters["stance_judge"] == "learned" and filters["declining_share0"] == 1.0
     assert filters["stance_quota"] == {"declines": 3, "complies": 0}
