@@ -44,18 +44,37 @@ def roles(record: Record) -> dict[str, tuple[str, float]]:
     return out
 
 
-def seed_ancestors(record: Record, by_id: dict[str, Record]) -> set[str]:
-    """Ids of the seeds a record descends from; raises if a chain breaks before reaching a seed."""
+def seed_ancestors(record: Record, by_id: dict[str, Record],
+                   memo: dict[str, frozenset[str]] | None = None) -> frozenset[str]:
+    """Ids of the seeds a record descends from; raises if a chain breaks before reaching a seed.
+
+    memo (record id -> its seeds) is filled as records are resolved; pass the same dict for every record of a data
+    set. Without it a record of iteration t walks every path to the seeds, up to (k_question + k_answer)^t of them
+    (an audit of 10 iterations would not finish); with it each record's ancestry is computed once, from its
+    parents' (a broken chain is never memoised: it raises every time)."""
+    if memo is None:
+        memo = {}
+    found = memo.get(record.id)
+    if found is not None:
+        return found
     if record.is_seed:
-        return {record.id}
-    if not record.parent_ids():
-        raise LineageError(f"record {record.id} (iteration {record.iteration}) cites no examples: chain ends before a seed")
-    seeds: set[str] = set()
-    for pid in record.parent_ids():
-        if pid not in by_id:
-            raise LineageError(f"record {record.id} cites {pid}, which is in no data set")
-        seeds |= seed_ancestors(by_id[pid], by_id)
-    return seeds
+        found = frozenset((record.id,))
+    else:
+        parents = record.parent_ids()
+        if not parents:
+            raise LineageError(f"record {record.id} (iteration {record.iteration}) cites no examples: chain ends "
+                               "before a seed")
+        reached = []
+        for pid in parents:
+            seeds = memo.get(pid)  # looked up here, not by a call: most parents are resolved already
+            if seeds is None:
+                if pid not in by_id:
+                    raise LineageError(f"record {record.id} cites {pid}, which is in no data set")
+                seeds = seed_ancestors(by_id[pid], by_id, memo)
+            reached.append(seeds)
+        found = frozenset().union(*reached)
+    memo[record.id] = found
+    return found
 
 
 def _label(r: Record, width: int = 70) -> str:

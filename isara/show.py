@@ -122,11 +122,12 @@ class Item:
         return self.record.answer if self.accepted else self.row.get("answer")
 
 
-def _seeds_of(record: Record | None, by_id: dict[str, Record], what: str) -> tuple[frozenset[str] | None, str | None]:
+def _seeds_of(record: Record | None, by_id: dict[str, Record], what: str,
+              memo: dict[str, frozenset[str]]) -> tuple[frozenset[str] | None, str | None]:
     if record is None:
         return None, f"{what} is in no data set"
     try:
-        return frozenset(seed_ancestors(record, by_id)), None
+        return seed_ancestors(record, by_id, memo), None
     except LineageError as exc:
         return None, str(exc)
 
@@ -136,14 +137,16 @@ def make_items(iteration: str, accepted: list[Record], rejected: list[dict], by_
     """Items of the given status (accepted, rejected or all: accepted first, then rejected in attempt order)."""
     t = int(iteration)
     items = []
+    memo: dict[str, frozenset[str]] = {}  # every item's ancestry computed once (lineage.seed_ancestors)
     if status in (ACCEPTED, ALL):
         for r in accepted:
-            seeds, broken = _seeds_of(r, by_id, f"record {r.id}")
+            seeds, broken = _seeds_of(r, by_id, f"record {r.id}", memo)
             items.append(Item(t, record=r, seeds=seeds, broken=broken))
     if status in (REJECTED, ALL):
         for row in rejected:
             anchor = row.get("anchor_id")
-            seeds, broken = _seeds_of(by_id.get(anchor), by_id, f"anchor {anchor}") if anchor else (None, "no anchor")
+            seeds, broken = (_seeds_of(by_id.get(anchor), by_id, f"anchor {anchor}", memo) if anchor
+                             else (None, "no anchor"))
             items.append(Item(t, row=row, seeds=seeds, broken=broken))
     return items
 

@@ -7,13 +7,18 @@ session's `tiny_project` is never touched.
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from conftest import Project
+import yaml
+from conftest import REPO, Project, isolated_env
 
 from isara.audit import (
     AuditResult,
@@ -242,3 +247,75 @@ def test_audit_fails_on_a_record_citing_a_nonexistent_id(copy):
     findings = audit_fails(copy)
     assert (f"artifacts/{t}/generated.jsonl: record {forged.id} cites 0123456789abcdef (answer_context), which is "
             f"not in artifacts/{prev}/dataset.jsonl (D({prev}), the data set it was retrieved from)") in findings
+
+
+# ------------------------------------------------------------------------------------------------ at scale
+
+
+def load_benchmark():
+    """benchmarks/audit.py: the synthetic data set the scale benchmark audits (a script, not a package)."""
+    spec = importlib.util.spec_from_file_location("audit_benchmark", REPO / "benchmarks" / "audit.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def rewrite_line(path: Path, index: int, line: str) -> None:
+    lines = path.read_text(encoding="utf-8").splitlines()
+    lines[index] = line
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def test_audit_of_a_synthetic_data_set_finds_a_tampered_record_and_a_broken_chain(tmp_path):
+    """5,000 records over 3 iterations, built as benchmarks/audit.py builds 100,000: the audit passes on it as built,
+    then names each break and nothing else, however many paths lead to the seeds."""
+    bench = load_benchmark()
+    root = tmp_path / "project"
+    bench.build(root, n_records=5000, iterations=3)
+    env = isolated_env(tmp_path / "home")
+    _, _, proc = bench.run_audit_cli(root, env=env, timeout=600)
+    assert proc.returncode == 0 and proc.stdout.startswith("audit passed: "), proc.stdout + proc.stderr
+    assert "5064 records checked (64 seeds, 5000 generated in 3 iterations); 5000 chains reach 64 of 64 seeds" \
+        in proc.stdout
+
+    # 1. an edited answer in iteration 2, its id left as it was
+    gen2 = root / "artifacts/2/generated.jsonl"
+    row = json.loads(gen2.read_text().splitlines()[10])
+    tampered = row["id"]
+    rewrite_line(gen2, 10, json.dumps(row | {"answer": "Sure, here is how to do it."}, separators=(",", ":")))
+    # 2. a record of iteration 3 that cites an id in no data set, with a valid content hash, in generated.jsonl and
+    # in D(3) alike (so the only break is the chain)
+    gen3, d3 = root / "artifacts/3/generated.jsonl", root / "artifacts/3/dataset.jsonl"
+    row = json.loads(gen3.read_text().splitlines()[5])
+    row["answer_context"][0]["id"] = "0123456789abcdef"
+    del row["id"]
+    forged = Record.model_validate(row)
+    rewrite_line(gen3, 5, forged.model_dump_json())
+    rewrite_line(d3, len(read_records(root / "artifacts/2/dataset.jsonl")) + 5, forged.model_dump_json())
+
+    lock = {o["path"]: o["md5"] for stage in yaml.safe_load((root / "dvc.lock").read_text())["stages"].values()
+            for o in stage["outs"]}
+
+    def modified(rel: str, stage: str) -> str:
+        actual = hashlib.md5((root / rel).read_bytes()).hexdigest()
+        return (f"{rel}: md5 {actual} does not match dvc.lock ({stage} recorded {lock[rel]}): modified after the "
+                "stage ran")
+
+    metrics = tmp_path / "audit.json"
+    proc = subprocess.run([sys.executable, "-m", "isara.cli", "audit", "--root", str(root), "--metrics", str(metrics)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    findings = [line.removeprefix("AUDIT FAIL: ") for line in proc.stderr.splitlines()
+                if line.startswith("AUDIT FAIL: ")]
+    assert len(findings) == 6, findings
+    assert findings[0] == modified("artifacts/2/generated.jsonl", "generate@2")
+    assert findings[1:3] == [modified("artifacts/3/generated.jsonl", "generate@3"),
+                             modified("artifacts/3/dataset.jsonl", "generate@3")]
+    assert findings[3].startswith(f"artifacts/2/generated.jsonl:11: record {tampered} is not its content hash")
+    assert findings[4] == (f"artifacts/2/dataset.jsonl: 1 record(s) ({tampered}) are neither in D(1) nor in "
+                           "artifacts/2/generated.jsonl")
+    assert findings[5] == (f"artifacts/3/generated.jsonl: record {forged.id} cites 0123456789abcdef (answer_context), "
+                           "which is not in artifacts/2/dataset.jsonl (D(2), the data set it was retrieved from)")
+    m = json.loads(metrics.read_text())
+    assert m["ok"] == 0 and m["findings"] == 6
+    assert m["generated"] == 4999 and m["chains"] == 4998  # the edited record is left out; the forged one breaks
