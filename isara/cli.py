@@ -379,6 +379,27 @@ def show_command(iteration: str | None, status: str | None, reason: str | None, 
         click.echo(text, nl=False)
 
 
+def _remote_command(direction: str, what: str):
+    """`isara push` and `isara pull`: the same command but for the direction (isara/remote.py says why they exist)."""
+
+    @cli.command(direction, help=f"`dvc {direction}`: {what}. On failure, one line naming the remote, its URL and the "
+                 "likely cause (README \"Sharing artifacts: a DVC remote\").")
+    @click.argument("targets", nargs=-1)
+    @click.option("-r", "--remote", default=None, help="DVC remote name (default: the default remote, core.remote).")
+    @click.option("-j", "--jobs", default=None, type=click.IntRange(min=1), help="Parallel transfers (DVC's -j).")
+    def command(targets: tuple[str, ...], remote: str | None, jobs: int | None) -> None:
+        transfer = _load("remote", "transfer")
+
+        where = guard(transfer, direction, remote, targets, jobs)
+        click.echo(f"{direction}: done, {where}")
+
+    return command
+
+
+push_command = _remote_command("push", "upload the outputs dvc.lock records from the cache to the remote")
+pull_command = _remote_command("pull", "download the outputs dvc.lock records from the remote and check them out")
+
+
 @cli.group()
 def params() -> None:
     """Inspect params.yaml."""
