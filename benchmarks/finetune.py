@@ -1,7 +1,10 @@
 """Fine-tuning throughput: isara's finetune loop vs a plain transformers.Trainer on the same data and settings.
+With --memory: peak memory and tokens/s of the finetune methods and memory levers, each in its own process.
 
     python benchmarks/finetune.py                       # 64 seeds, batch 8, 8 steps each, 2 threads
     python benchmarks/finetune.py --steps 16 --threads 2 --batch-size 8
+    python benchmarks/finetune.py --memory              # full / lora x checkpointing, the default finetune@2 shape
+    python benchmarks/finetune.py --memory --dataset artifacts/2/dataset.jsonl   # a real D(2)
 
 Both train the same prepared base checkpoint (SmolLM2-135M, fp32) on the same examples (data/seeds/safety.jsonl
 encoded by isara.finetune.encode: prompt tokens masked, answer + eos trained), same lr, batch size, optimizer
@@ -12,12 +15,23 @@ autocast where the CPU has native bf16 dot products, AVX512-BF16 or AMX; else fp
 (non-padding) tokens per second of the training loop, padding share, and the ratios to the Trainer. A second
 Trainer row turns on its own bf16 flag, to show how much of the gain is precision and how much the loop. Runs alternate (Trainer, isara, Trainer, isara) so load drift on a
 shared machine hits both alike; medians are printed.
+
+--memory: isara.finetune.train as the finetune stage runs it (the params.yaml defaults, the base's prompt format,
+DVCLive logging, the checkpoint saved and, for lora, merged) on the default run's finetune@2 shape: 128 records
+(safety_wide + safety_mixed seeds, or --dataset), batch 8, max_length 256, 2 epochs. Each configuration (full,
+full + gradient checkpointing, + release_memory (the default: glibc's mmap threshold fixed at 128 KiB), lora,
+lora + checkpointing, full with batch 4 x 2 accumulation steps; --rows picks some) runs in a fresh child process,
+one after another, which reports its own peak resident memory (ru_maxrss: model load, training and save together,
+as the stage's process holds them) and real tokens/s of its training loop.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -29,9 +43,10 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from isara.base_models import base_model_path  # noqa: E402
-from isara.finetune import IGNORE, encode, train  # noqa: E402
+from isara.finetune import IGNORE, encode, release_freed_memory, train, train_format  # noqa: E402
 from isara.params import Finetune  # noqa: E402
 from isara.prepare import prepare_base  # noqa: E402
+from isara.records import read_records  # noqa: E402
 from isara.seeds import read_seed_file  # noqa: E402
 
 
@@ -65,17 +80,88 @@ def run_trainer(model_dir: Path, examples, cfg: Finetune, steps: int, out: Path,
     return time.perf_counter() - start, counted["real"], counted["padded"]
 
 
+# --memory rows: overrides of the params.yaml finetune defaults. release_memory is process-wide (glibc's malloc), so
+# each row runs in a fresh process, and the child applies it as the finetune stage does (run_finetune).
+PLAIN = {"gradient_checkpointing": False, "release_memory": False}
+MEMORY_CONFIGS = {
+    "full": {**PLAIN},
+    "full + checkpointing": {**PLAIN, "gradient_checkpointing": True},
+    "full + checkpointing + release_memory (default)": {"gradient_checkpointing": True, "release_memory": True},
+    "lora": {**PLAIN, "method": "lora"},
+    "lora + checkpointing": {**PLAIN, "method": "lora", "gradient_checkpointing": True},
+    "full, batch 4 x 2 accumulation": {**PLAIN, "batch_size": 4, "gradient_accumulation_steps": 2},
+}
+
+
+def memory_child(spec: dict) -> None:
+    """One configuration in this (fresh) process: train as the finetune stage does, print metrics + peak RSS."""
+    base, out = Path(spec["base"]), Path(spec["out"])
+    records = read_records(Path(spec["dataset"])) if spec["dataset"] else [
+        *read_seed_file(REPO / "data/seeds/safety_wide.jsonl"), *read_seed_file(REPO / "data/seeds/safety_mixed.jsonl")]
+    cfg = Finetune(**spec["cfg"])
+    if cfg.release_memory:
+        release_freed_memory()
+    m = train(base, records, out / "hf", cfg, log_dir=out / "live", progress=False, fmt=train_format(base, "auto"))
+    m["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+    print("RESULT " + json.dumps(m), flush=True)
+
+
+def memory_table(args, work: Path, base: Path) -> None:
+    from isara.params import load_params
+
+    defaults = load_params(REPO / "params.yaml").finetune.model_dump()
+    defaults.update(n_threads=args.threads, epochs=args.epochs)
+    rows = {}
+    configs = {name: o for name, o in MEMORY_CONFIGS.items() if not args.rows or name in args.rows}
+    for name, overrides in configs.items():
+        spec = {"base": str(base), "out": str(work / f"mem{len(rows)}"),
+                "dataset": str(args.dataset) if args.dataset else None, "cfg": {**defaults, **overrides}}
+        t = time.perf_counter()
+        child = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True)
+        if child.returncode != 0:
+            sys.exit(f"{name}: child failed ({child.returncode}):\n{child.stderr[-3000:]}")
+        line = next(x for x in child.stdout.splitlines() if x.startswith("RESULT "))
+        rows[name] = json.loads(line[len("RESULT "):])
+        m = rows[name]
+        print(f"  {name}: {m['peak_rss_gib']:.2f} GiB, {m['tokens_per_second']:.1f} tok/s, "
+              f"{time.perf_counter() - t:.0f} s with load and save", flush=True)
+    first = next(iter(rows.values()))
+    print(f"\nfine-tuning SmolLM2-135M, {first['examples']} examples, {first['format']} format, batch "
+          f"{defaults['batch_size']}, max_length {defaults['max_length']}, {args.epochs} epochs "
+          f"({first['steps']} optimizer steps), {first['precision']}, {args.threads} threads, one process per row")
+    full = rows.get("full", first)
+    print(f"{'configuration':<48} {'trainable':>11} {'real tok/s':>10} {'vs full':>8} {'train s':>8} "
+          f"{'peak RSS GiB':>12} {'final loss':>10}")
+    for name, m in rows.items():
+        print(f"{name:<48} {m['trainable_parameters']:>11,} {m['tokens_per_second']:>10.1f} "
+              f"{m['tokens_per_second'] / full['tokens_per_second']:>7.2f}x {m['seconds']:>8.1f} "
+              f"{m['peak_rss_gib']:>12.2f} {m['final_loss']:>10.4f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--memory", action="store_true", help="peak memory and tokens/s of full / lora x checkpointing")
+    ap.add_argument("--epochs", type=int, default=2, help="--memory: epochs (the default run: 2)")
+    ap.add_argument("--dataset", type=Path, help="--memory: a records JSONL (e.g. artifacts/2/dataset.jsonl)")
+    ap.add_argument("--base", type=Path, help="a prepared base checkpoint (isara prepare's hf/) instead of preparing one")
+    ap.add_argument("--rows", nargs="+", choices=list(MEMORY_CONFIGS), help="--memory: only these rows")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.child:
+        return memory_child(json.loads(args.child))
 
     work = Path(tempfile.mkdtemp(prefix="isara-bench-ft-"))
     base = work / "base"
-    prepare_base(base_model_path("smollm2"), base)
+    if args.base:
+        base = args.base
+    else:
+        prepare_base(base_model_path("smollm2"), base)
+    if args.memory:
+        return memory_table(args, work, base)
     records = read_seed_file(REPO / "data/seeds/safety.jsonl")
     cfg = Finetune(batch_size=args.batch_size, max_steps=args.steps, epochs=100, n_threads=args.threads)
     from transformers import AutoTokenizer

@@ -2,6 +2,11 @@
 
 A plain torch loop (nanoGPT style) rather than transformers.Trainer: the whole loop is on one screen,
 and batches are grouped by length so CPU time is not spent on padding.
+Method (params finetune.method): full trains every weight; lora trains a peft LoRA adapter alone and merges it into
+the weights before the checkpoint is saved, so export (isara.gguf) and every later stage read a plain checkpoint.
+finetune.gradient_checkpointing recomputes activations in the backward pass; finetune.gradient_accumulation_steps
+sums the gradients of several micro-batches into one optimizer step; finetune.release_memory makes malloc give freed
+tensors' pages back at once. The last two defaults hold the default run under 3 GiB (benchmarks/README.md).
 Format (params base.format, isara.prompts.PromptFormat): the prompt (no loss), then the answer the model is taught to
 write (loss): bare "Question: <q>\nAnswer:" + " <answer><eos>", or the base's chat template's user turn + the
 assistant turn it closes ("<answer><|im_end|>"), the format the exported GGUF is served and evaluated in.
@@ -9,9 +14,12 @@ assistant turn it closes ("<answer><|im_end|>"), the format the exported GGUF is
 
 from __future__ import annotations
 
+import ctypes
 import math
 import shutil
+import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -73,7 +81,9 @@ def answer_loss(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     The head (vocabulary x hidden, the largest matrix of a small model) and its softmax would otherwise
     run on every prompt and padding position only for the loss to ignore them.
     """
-    hidden = model.get_decoder()(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])[0]
+    # use_cache=False: training never reads a KV cache back, so building one only holds tensors longer
+    hidden = model.get_decoder()(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                                 use_cache=False)[0]
     targets = inputs["labels"][:, 1:]
     keep = targets != IGNORE
     logits = model.get_output_embeddings()(hidden[:, :-1][keep]).float()
@@ -81,6 +91,67 @@ def answer_loss(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     if cap:  # Gemma-style soft cap, as the model's own forward applies it
         logits = torch.tanh(logits / cap) * cap
     return torch.nn.functional.cross_entropy(logits, targets[keep])
+
+
+def trained_tokens(inputs: dict[str, torch.Tensor]) -> int:
+    """Positions whose next token carries a loss (answer_loss's `keep`)."""
+    return int((inputs["labels"][:, 1:] != IGNORE).sum())
+
+
+def accumulate_gradients(model, micro_batches: list[dict[str, torch.Tensor]], bf16: bool = False) -> float:
+    """Backward over the micro-batches of one optimizer step; returns the step's loss.
+
+    Each micro-batch's mean loss is weighted by its share of the step's trained tokens, so the summed gradient is
+    that of one batch holding all their examples (the mean over all its trained tokens), however unevenly the
+    answer tokens fall into the micro-batches. Dividing by the number of micro-batches instead would weight a
+    token of a short-answer micro-batch more than one of a long-answer micro-batch.
+    """
+    counts = [trained_tokens(inputs) for inputs in micro_batches]
+    total = sum(counts)
+    step_loss = 0.0
+    for inputs, n in zip(micro_batches, counts):
+        device = inputs["input_ids"].device
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = answer_loss(model, inputs)
+        # one micro-batch: the plain loss, so the default run's gradients stay bit-identical to before accumulation
+        (loss if len(micro_batches) == 1 else loss * (n / total)).backward()
+        step_loss += float(loss.detach()) * n / total
+    return step_loss
+
+
+def lora_config(cfg: Finetune):
+    from peft import LoraConfig
+
+    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=list(cfg.lora_target_modules), bias="none", task_type="CAUSAL_LM")
+
+
+def prepare_model(model, cfg: Finetune):
+    """The model to train (checkpointing switched on, LoRA adapter attached per cfg) and the module answer_loss
+    runs: for lora the transformers model inside the peft wrapper, whose target layers now hold the adapter."""
+    if cfg.gradient_checkpointing:
+        # non-reentrant torch checkpointing per decoder layer (transformers' default): only each layer's input is
+        # kept, the layer runs again in the backward pass
+        model.activation_checkpointing_enable()
+    if cfg.method == "full":
+        return model, model
+    from peft import get_peft_model
+
+    try:
+        with warnings.catch_warnings():
+            # peft 0.21 asks transformers 5 for is_gradient_checkpointing, which warns that the name is deprecated
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            wrapped = get_peft_model(model, lora_config(cfg))
+    except ValueError as exc:  # peft: "Target modules {...} not found in the base model"
+        raise ParamsError(f"params.yaml: finetune.lora_target_modules = {list(cfg.lora_target_modules)}: "
+                          f"{exc}") from None
+    return wrapped, wrapped.get_base_model()
+
+
+def merged(model, cfg: Finetune):
+    """The plain transformers model to save: for lora, the adapter merged into the weights it adapts
+    (W + lora_alpha / lora_r x B A) and the peft layers removed, so the checkpoint has the base's tensor names."""
+    return model.merge_and_unload() if cfg.method == "lora" else model
 
 
 def resolve_device(cfg: Finetune) -> torch.device:
@@ -125,16 +196,20 @@ def train(model_dir: Path, records: list[Record], out_dir: Path, cfg: Finetune, 
     bf16 = use_bf16(cfg, device)
     # Weights, gradients and optimizer state stay fp32; autocast runs the matmuls in bf16 (mixed precision).
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
+    model, core = prepare_model(model, cfg)
     model.train()
+    params = [p for p in model.parameters() if p.requires_grad]  # lora: the adapter's A and B matrices only
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     examples = encode(records, tokenizer, cfg.max_length, fmt)
     if not examples:
         raise ValueError("no training examples: every record was cut to nothing by finetune.max_length")
 
-    steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
+    accumulation = cfg.gradient_accumulation_steps
+    # optimizer steps: max_steps, warmup and the schedule count these, not micro-batches
+    steps_per_epoch = math.ceil(math.ceil(len(examples) / cfg.batch_size) / accumulation)
     total = steps_per_epoch * cfg.epochs if cfg.max_steps < 0 else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
     warmup = int(total * cfg.warmup_ratio)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: (s + 1) / (warmup + 1) if s < warmup else max(0.0, (total - s) / max(total - warmup, 1)))
 
@@ -149,21 +224,20 @@ def train(model_dir: Path, records: list[Record], out_dir: Path, cfg: Finetune, 
     step, losses, tokens, slots, start = 0, [], 0, 0, time.perf_counter()
     bar = tqdm(total=total, desc="finetune", unit="step", disable=not progress)
     while step < total:
-        for batch in length_grouped_batches(examples, cfg.batch_size, generator):
+        micro = length_grouped_batches(examples, cfg.batch_size, generator)
+        for first in range(0, len(micro), accumulation):
             if step >= total:
                 break
-            inputs = {k: v.to(device) for k, v in collate(examples, batch, pad_id).items()}
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                loss = answer_loss(model, inputs)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            group = [{k: v.to(device) for k, v in collate(examples, batch, pad_id).items()}
+                     for batch in micro[first : first + accumulation]]
+            losses.append(accumulate_gradients(core, group, bf16))
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            tokens += int(inputs["attention_mask"].sum())  # real tokens only, padding excluded
-            slots += inputs["attention_mask"].numel()
-            losses.append(float(loss.detach()))
+            tokens += sum(int(inputs["attention_mask"].sum()) for inputs in group)  # real tokens, padding excluded
+            slots += sum(inputs["attention_mask"].numel() for inputs in group)
             if live is not None:
                 live.log_metric("loss", losses[-1])
                 live.log_metric("lr", schedule.get_last_lr()[0])
@@ -176,6 +250,9 @@ def train(model_dir: Path, records: list[Record], out_dir: Path, cfg: Finetune, 
         live.end()
 
     del optimizer, schedule  # AdamW's two fp32 moments (2x the model) need not sit through the save
+    trainable = sum(p.numel() for p in params)
+    del params
+    model = merged(model, cfg)
     model.eval()
     model.to("cpu")
     save_checkpoint(model, tokenizer, out_dir, carry=[Path(model_dir) / TEMPLATE_FILE])
@@ -193,6 +270,10 @@ def train(model_dir: Path, records: list[Record], out_dir: Path, cfg: Finetune, 
         "device": device.type,
         "precision": "bf16" if bf16 else "fp32",
         "format": fmt.name,
+        "method": cfg.method,
+        "trainable_parameters": trainable,
+        "gradient_checkpointing": cfg.gradient_checkpointing,
+        "gradient_accumulation_steps": accumulation,
     }
 
 
@@ -208,13 +289,39 @@ def save_checkpoint(model, tokenizer, out_dir: Path, carry: list[Path] = ()) -> 
             shutil.copyfile(path, tmp / path.name)
 
 
+# glibc's mallopt parameter number, and the threshold (its initial default) from which each allocation is its own mmap
+M_MMAP_THRESHOLD, MMAP_THRESHOLD = -3, 128 * 1024
+
+
+def release_freed_memory() -> bool:
+    """Fix glibc malloc's mmap threshold at 128 KiB for the rest of this process; False where that is not possible.
+
+    By default glibc raises the threshold to the size of each mmapped block freed (up to 32 MiB), so after the first
+    steps every activation and gradient tensor comes from heap arenas, which keep freed memory resident: the
+    process's peak grows by what fragmentation holds. Fixed, each tensor above 128 KiB is mapped and unmapped on its
+    own (slower: page faults on every new tensor). Process-wide, hence called by the stage (run_finetune), not by
+    train().
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc (musl has no effect here either)
+        return False
+    return mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
+
+
 def run_finetune(iteration: str, prev: str, cfg: Finetune, progress: bool = True, base_format: str = "auto",
                  out: IterPaths | None = None, dataset: Path | None = None) -> dict:
     """finetune@t: M(prev) (or M0, finetune.init) trained on D(t) -> artifacts/<t>/hf, with DVCLive loss curves.
 
     The fine-tuned baselines (isara.baseline) train this same way: `out` names their folders (checkpoint and
     metrics, which then also record `dataset_size`; no DVCLive curves) and `dataset` the records they train on."""
+    if cfg.release_memory:
+        release_freed_memory()
     here = iter_paths(iteration)
+    # With method lora and init previous, each round trains a fresh adapter on M(prev)'s checkpoint, in which the
+    # previous round already merged its adapter: the rounds' updates add up in the weights, not in one adapter.
     start_from = iter_paths(prev if cfg.init == "previous" else "0").hf
     records = read_records(dataset if dataset is not None else here.dataset)
     metrics = train(start_from, records, (out or here).hf, cfg, here.train_log if out is None else None, progress,

@@ -1,15 +1,21 @@
-"""finetune's pieces on the real SmolLM2 checkpoint: the answer-only loss, length grouping, device and precision."""
+"""finetune's pieces on the real SmolLM2 checkpoint: the answer-only loss, length grouping, device and precision,
+gradient accumulation and checkpointing, and LoRA (adapter-only training, merged checkpoint, GGUF export parity)."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
 
 import pytest
 
 torch = pytest.importorskip("torch")
-from conftest import SEEDS
+from conftest import REPO, SEEDS
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from isara.base_models import base_model_path
-from isara.finetune import IGNORE, answer_loss, collate, encode, length_grouped_batches, resolve_device, train
+from isara.finetune import (IGNORE, accumulate_gradients, answer_loss, collate, encode, length_grouped_batches, merged,
+                            prepare_model, resolve_device, trained_tokens, train)
+from isara.gguf import export_gguf
 from isara.params import Finetune, ParamsError
 from isara.prepare import prepare_base
 from isara.seeds import read_seed_file
@@ -78,3 +84,221 @@ def test_a_real_training_step_moves_the_weights(smol_hf, seeds, tmp_path, precis
     after = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).state_dict()
     assert after["model.layers.0.self_attn.q_proj.weight"].dtype == torch.float32  # bf16 only inside autocast
     assert not torch.equal(before["model.layers.0.self_attn.q_proj.weight"], after["model.layers.0.self_attn.q_proj.weight"])
+
+
+# ------------------------------------------------------------------------ gradient accumulation and checkpointing
+
+
+def _grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _relative_error(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """||a - b|| / ||b|| over all parameters together."""
+    assert a.keys() == b.keys()
+    diff = sum(float((a[n] - b[n]).double().square().sum()) for n in b)
+    norm = sum(float(b[n].double().square().sum()) for n in b)
+    return (diff / norm) ** 0.5
+
+
+@pytest.fixture(scope="module")
+def fp32_model(smol_hf):
+    torch.set_num_threads(2)
+    return AutoModelForCausalLM.from_pretrained(smol_hf, dtype=torch.float32).train()
+
+
+def test_accumulated_micro_batches_give_the_big_batchs_gradient(smol_hf, seeds, fp32_model):
+    """2 micro-batches of 3 = 1 batch of 6 (fp32): the same loss and gradient, although the micro-batches hold
+    different numbers of answer tokens (so averaging their two losses would be wrong)."""
+    tok = AutoTokenizer.from_pretrained(smol_hf)
+    examples = encode(seeds[:6], tok, 96)
+    pad = tok.eos_token_id
+    by_answer = sorted(range(6), key=lambda i: sum(label != IGNORE for label in examples[i][1]))
+    micro = [collate(examples, by_answer[:3], pad), collate(examples, by_answer[3:], pad)]  # short, long answers
+    counts = [trained_tokens(b) for b in micro]
+    assert counts[0] < counts[1], counts
+    model = fp32_model
+    model.zero_grad(set_to_none=True)
+    big_loss = accumulate_gradients(model, [collate(examples, list(range(6)), pad)])
+    big = _grads(model)
+    model.zero_grad(set_to_none=True)
+    acc_loss = accumulate_gradients(model, micro)
+    acc = _grads(model)
+    model.zero_grad(set_to_none=True)
+    err = _relative_error(acc, big)
+    print(f"\n[accumulation] loss {acc_loss:.6f} vs {big_loss:.6f}, gradient relative error {err:.2e}")
+    assert abs(acc_loss - big_loss) < 1e-5
+    assert err < 1e-5  # fp32 sums in another order; measured 1e-7 level
+    # the plain mean of the two micro-batch losses is not the big batch's loss: the weighting above matters
+    with torch.no_grad():
+        naive = sum(float(answer_loss(model, b)) for b in micro) / 2
+    print(f"[accumulation] unweighted mean of the micro-batch losses: {naive:.6f}")
+    assert abs(naive - big_loss) > 20 * abs(acc_loss - big_loss)
+
+
+def test_accumulation_steps_make_one_update_like_a_batch_k_times_larger(smol_hf, seeds, tmp_path):
+    """train(): batch 4 x 2 accumulation steps = batch 8 in one optimizer step, on the same 8 examples (fp32). The
+    schedule counts optimizer steps: one epoch of 8 examples is one step either way."""
+    base = dict(max_length=96, epochs=1, precision="fp32", lr=1e-4)
+    one = train(smol_hf, seeds[:8], tmp_path / "big", Finetune(batch_size=8, **base), progress=False)
+    acc = train(smol_hf, seeds[:8], tmp_path / "acc", Finetune(batch_size=4, gradient_accumulation_steps=2, **base),
+                progress=False)
+    assert one["steps"] == acc["steps"] == 1 and acc["gradient_accumulation_steps"] == 2
+    assert one["train_tokens"] == acc["train_tokens"]
+    assert abs(one["first_loss"] - acc["first_loss"]) < 1e-4
+    start = AutoModelForCausalLM.from_pretrained(smol_hf, dtype=torch.float32).state_dict()
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "big", dtype=torch.float32).state_dict()
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "acc", dtype=torch.float32).state_dict()
+    # AdamW's first step moves each weight by about lr x sign(gradient): compare the updates weight by weight.
+    # Two optimizer steps, or one on a single micro-batch, would move a large share of them differently.
+    moved = differ = 0
+    for name in start:
+        da, db = a[name] - start[name], b[name] - start[name]
+        moved += int((da != 0).sum())
+        differ += int(((da - db).abs() > 0.01 * base["lr"]).sum())
+    print(f"\n[accumulation] {differ} of {moved} moved weights updated differently")
+    assert moved > 1_000_000
+    assert differ / moved < 1e-3
+
+
+def _saved_bytes(model, inputs) -> tuple[float, int]:
+    """The loss and the bytes autograd keeps for the backward pass outside checkpointed regions."""
+    saved = [0]
+
+    def pack(t):
+        saved[0] += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = answer_loss(model, inputs)
+    loss.backward()
+    return float(loss.detach()), saved[0]
+
+
+def test_gradient_checkpointing_keeps_loss_and_gradients(smol_hf, seeds):
+    torch.set_num_threads(2)
+    tok = AutoTokenizer.from_pretrained(smol_hf)
+    inputs = collate(encode(seeds[:4], tok, 96), [0, 1, 2, 3], tok.eos_token_id)
+    plain = AutoModelForCausalLM.from_pretrained(smol_hf, dtype=torch.float32).train()
+    loss, kept = _saved_bytes(plain, inputs)
+    ref = _grads(plain)
+    del plain
+    model, core = prepare_model(AutoModelForCausalLM.from_pretrained(smol_hf, dtype=torch.float32),
+                                Finetune(gradient_checkpointing=True))
+    model.train()
+    ckpt_loss, ckpt_kept = _saved_bytes(core, inputs)
+    err = _relative_error(_grads(model), ref)
+    print(f"\n[checkpointing] loss {ckpt_loss:.6f} vs {loss:.6f}, gradient relative error {err:.2e}, "
+          f"saved for backward {ckpt_kept / 2**20:.1f} MiB vs {kept / 2**20:.1f} MiB")
+    assert abs(ckpt_loss - loss) < 1e-5
+    assert err < 1e-5
+    assert ckpt_kept < kept / 4  # the decoder layers' activations were not kept: checkpointing was on
+
+
+# --------------------------------------------------------------------------------------------------- LoRA
+
+
+def test_lora_trains_only_the_adapter(smol_hf, seeds):
+    torch.set_num_threads(2)
+    tok = AutoTokenizer.from_pretrained(smol_hf)
+    inputs = collate(encode(seeds[:4], tok, 96), [0, 1, 2, 3], tok.eos_token_id)
+    start = {n: t.clone() for n, t in AutoModelForCausalLM.from_pretrained(smol_hf, dtype=torch.float32)
+             .state_dict().items()}
+    cfg = Finetune(method="lora", lora_r=4, lr=1e-3)
+    model, core = prepare_model(AutoModelForCausalLM.from_pretrained(smol_hf, dtype=torch.float32), cfg)
+    model.train()
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert params and all(".lora_A." in n or ".lora_B." in n for n in params)
+    # r x (in + out) per adapted projection: 7 projections in each of 30 layers
+    assert sum(p.numel() for p in params.values()) < 0.01 * sum(t.numel() for t in start.values())
+    optimizer = torch.optim.AdamW(params.values(), lr=cfg.lr)
+    for _ in range(2):  # B starts at zero, so A gets its first non-zero gradient in the second step
+        accumulate_gradients(core, [inputs])
+        assert all(p.grad is None for n, p in model.named_parameters() if n not in params)
+        assert all(p.grad is not None for p in params.values())
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    weights = {n.replace(".base_layer.", "."): t for n, t in core.state_dict().items() if ".lora_" not in n}
+    assert weights.keys() == start.keys()
+    assert all(torch.equal(weights[n], start[n]) for n in start), "a base weight changed before the merge"
+    model.eval()
+    with torch.no_grad():
+        adapted = core(**inputs).logits
+        plain = merged(model, cfg)
+        assert type(plain).__name__ == "LlamaForCausalLM"
+        assert torch.allclose(plain(**inputs).logits, adapted, atol=1e-4)
+    after = plain.state_dict()
+    assert after.keys() == start.keys()
+    assert not torch.equal(after["model.layers.0.self_attn.q_proj.weight"], start["model.layers.0.self_attn.q_proj.weight"])
+    assert torch.equal(after["model.embed_tokens.weight"], start["model.embed_tokens.weight"])  # not a target
+
+
+def test_lora_unknown_target_module_is_a_params_error(smol_hf):
+    model = AutoModelForCausalLM.from_pretrained(smol_hf, dtype=torch.float32)
+    with pytest.raises(ParamsError, match="finetune.lora_target_modules"):
+        prepare_model(model, Finetune(method="lora", lora_target_modules=["query_key_value"]))
+
+
+def test_lora_loss_falls_and_the_merged_export_matches_llama_cpp(smol_hf, seeds, tmp_path):
+    """LoRA through train(): the loss on one repeated batch falls, the saved checkpoint is a plain model with the
+    adapter merged (not the base), and its GGUF export computes the same next-token log-probs in llama.cpp."""
+    from test_prepare_export import TOL_F32, _check_parity, _hf_logprobs
+
+    cfg = Finetune(method="lora", lr=1e-3, max_steps=4, batch_size=4, epochs=4, max_length=96, precision="fp32")
+    out = tmp_path / "hf"
+    m = train(smol_hf, seeds[:4], out, cfg, progress=False)  # one batch of 4: every step sees the same examples
+    print(f"\n[lora] loss {m['first_loss']} -> {m['final_loss']}, {m['trainable_parameters']} trainable")
+    assert m["method"] == "lora" and m["steps"] == 4
+    assert m["final_loss"] < m["first_loss"] - 0.1
+    saved = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).state_dict()
+    base_model = AutoModelForCausalLM.from_pretrained(smol_hf, dtype=torch.float32)
+    # r x (in + out) per adapted projection, nothing else: 3.6% of the 135M weights at r = 16 on all 7 projections
+    assert m["trainable_parameters"] == sum(cfg.lora_r * (mod.in_features + mod.out_features)
+                                            for name, mod in base_model.named_modules()
+                                            if name.rsplit(".", 1)[-1] in cfg.lora_target_modules)
+    base = base_model.state_dict()
+    assert saved.keys() == base.keys()
+    assert not torch.equal(saved["model.layers.0.mlp.down_proj.weight"], base["model.layers.0.mlp.down_proj.weight"])
+    del saved, base, base_model
+
+    gguf_path = tmp_path / "lora-f32.gguf"
+    export_gguf(out, gguf_path, "f32")  # the template train() carried into the checkpoint
+    ids, ref = _hf_logprobs(out)
+    _, ref_base = _hf_logprobs(smol_hf)
+    shift = float(abs(ref - ref_base).max())
+    print(f"[lora] merged model's log-probs moved by up to {shift:.3g} from the base")
+    assert shift > 0.05
+    _check_parity("smollm2 lora merged f32", gguf_path, ids, ref, TOL_F32)
+
+
+# ------------------------------------------------------------------------------------------- release_memory
+
+PROBE = """
+import sys, torch
+from isara.finetune import release_freed_memory
+def rss_mib():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
+if sys.argv[1] == "on":
+    assert release_freed_memory()
+x = torch.ones(1 << 20); del x  # a 4 MiB tensor freed: glibc's dynamic mmap threshold rises past 4 MiB
+big, small = [], []
+for _ in range(64):  # 4 MiB tensors, each followed by a small one that outlives it, as activations and weights do
+    big.append(torch.ones(1 << 20)); small.append(torch.ones(64 << 10))
+before = rss_mib(); del big
+print(before - rss_mib())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc")
+def test_release_memory_returns_freed_tensors_to_the_os():
+    """finetune.release_memory (the stage calls release_freed_memory): 256 MiB of freed 4 MiB tensors leave the
+    process, where glibc's default keeps them in heap holes between live tensors. A fresh process each: the setting
+    is process-wide."""
+    freed = {}
+    for mode in ("off", "on"):
+        out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, cwd=REPO)
+        assert out.returncode == 0, out.stderr
+        freed[mode] = float(out.stdout)
+    print(f"\n[release_memory] MiB returned after freeing 256 MiB: {freed}")
+    assert freed["on"] >= 250
+    assert freed["off"] < 64  # the premise: without it the memory stays resident

@@ -37,6 +37,12 @@ def test_exponent_written_by_dvc_exp_set_is_a_float(tmp_path):
     ("generate: {temperature: -1}", "generate.temperature = -1"),
     ("generate: {n_samples: -5}", "generate.n_samples = -5"),
     ("base: {model: gpt5}", "base.model = 'gpt5'"),
+    ("finetune: {method: qlora}", "finetune.method = 'qlora'"),
+    ("finetune: {gradient_accumulation_steps: 0}", "finetune.gradient_accumulation_steps = 0"),
+    ("finetune: {gradient_checkpointing: sometimes}", "finetune.gradient_checkpointing = 'sometimes'"),
+    ("finetune: {lora_r: 0}", "finetune.lora_r = 0"),
+    ("finetune: {lora_target_modules: []}", "finetune.lora_target_modules = []"),
+    ("finetune: {lora_target_modules: ['q proj']}", "finetune.lora_target_modules"),
     ("bogus: {x: 1}", "bogus"),
 ])
 def test_bad_values_name_key_and_value(tmp_path, edit, expected):
