@@ -43,7 +43,8 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from isara.base_models import base_model_path  # noqa: E402
-from isara.finetune import IGNORE, encode, release_freed_memory, train, train_format  # noqa: E402
+from isara.finetune import IGNORE, encode, train, train_format  # noqa: E402
+from isara.memory import release_freed_memory  # noqa: E402
 from isara.params import Finetune  # noqa: E402
 from isara.prepare import prepare_base  # noqa: E402
 from isara.records import read_records  # noqa: E402

@@ -14,10 +14,8 @@ assistant turn it closes ("<answer><|im_end|>"), the format the exported GGUF is
 
 from __future__ import annotations
 
-import ctypes
 import math
 import shutil
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -27,6 +25,7 @@ from tqdm import tqdm
 
 from isara.gguf import TEMPLATE_FILE
 from isara.io import atomic_directory, write_json
+from isara.memory import release_freed_memory
 from isara.params import Finetune, ParamsError
 from isara.paths import IterPaths, iter_paths
 from isara.prompts import BARE, PromptFormat
@@ -287,28 +286,6 @@ def save_checkpoint(model, tokenizer, out_dir: Path, carry: list[Path] = ()) -> 
         tokenizer.save_pretrained(tmp)
         for path in carry:
             shutil.copyfile(path, tmp / path.name)
-
-
-# glibc's mallopt parameter number, and the threshold (its initial default) from which each allocation is its own mmap
-M_MMAP_THRESHOLD, MMAP_THRESHOLD = -3, 128 * 1024
-
-
-def release_freed_memory() -> bool:
-    """Fix glibc malloc's mmap threshold at 128 KiB for the rest of this process; False where that is not possible.
-
-    By default glibc raises the threshold to the size of each mmapped block freed (up to 32 MiB), so after the first
-    steps every activation and gradient tensor comes from heap arenas, which keep freed memory resident: the
-    process's peak grows by what fragmentation holds. Fixed, each tensor above 128 KiB is mapped and unmapped on its
-    own (slower: page faults on every new tensor). Process-wide, hence called by the stage (run_finetune), not by
-    train().
-    """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):  # not glibc (musl has no effect here either)
-        return False
-    return mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
 
 
 def run_finetune(iteration: str, prev: str, cfg: Finetune, progress: bool = True, base_format: str = "auto",

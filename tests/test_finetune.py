@@ -275,7 +275,7 @@ def test_lora_loss_falls_and_the_merged_export_matches_llama_cpp(smol_hf, seeds,
 
 PROBE = """
 import sys, torch
-from isara.finetune import release_freed_memory
+from isara.memory import release_freed_memory
 def rss_mib():
     return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
 if sys.argv[1] == "on":
