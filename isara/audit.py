@@ -261,7 +261,7 @@ def check_citations(run: Round, generated: list[Record], previous: list[Record],
         if r.iteration != run.iteration:
             result.findings.append(f"{generated_path}: record {r.id} says iteration {r.iteration}, but {run.stage} "
                                    f"is iteration {run.iteration}")
-        if not r.question_context and not r.answer_context:  # r.parent_ids() is empty
+        if not r.parent_ids():
             result.findings.append(f"{generated_path}: record {r.id} cites no in-context examples: its chain ends "
                                    "before a seed")
         cited = [("anchor_id", r.anchor_id)] if r.anchor_id is not None else []
