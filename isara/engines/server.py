@@ -105,7 +105,11 @@ class LocalServer:
             cmd = [str(binary), "--model", str(self.model_path), "--host", "127.0.0.1", "--port", str(self.port),
                    "--ctx-size", str(params.n_ctx * self.slots), "--parallel", str(self.slots),
                    "--threads", str(params.n_threads), "--threads-batch", str(params.n_threads),
-                   "--n-gpu-layers", ngl, "--seed", str(seed), "--no-webui", "--no-warmup"]
+                   "--n-gpu-layers", ngl, "--seed", str(seed), "--no-webui", "--no-warmup",
+                   # no CPU weight repacking: its AMX path crashed the server at the first decode (SIGSEGV in
+                   # ggml_backend_amx_mul_mat, SmolLM2 Q4_1, llama.cpp of llama-cpp-python 0.3.36, AMX CPU), and
+                   # the in-process engine does not repack either, so both run the same CPU kernels
+                   "--no-repack"]
         else:
             cmd = [sys.executable, "-m", "isara.engines.llama_cpp_server", "--model", str(self.model_path),
                    "--port", str(self.port), "--n_ctx", str(params.n_ctx), "--n_threads", str(params.n_threads),
