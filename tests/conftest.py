@@ -142,3 +142,22 @@ def tiny_project(tmp_path_factory) -> Project:
 def pytest_collection_modifyitems(config, items):
     """Tests marked `mutates_tiny_project` change the shared tiny project: run them after every other test."""
     items.sort(key=lambda item: item.get_closest_marker("mutates_tiny_project") is not None)
+
+
+def llama_logprobs(gguf_path: Path, text: str, ids: list[int]):
+    """(llama.cpp's own token ids for `text`, its next-token log-probs at every position of `ids`), from an f32 KV
+    cache (llama.cpp's default f16 one alone moves log-probs by ~1e-2), for parity with transformers."""
+    import numpy as np
+    import torch
+
+    from isara.engines.llama import open_llama
+
+    llm = open_llama(gguf_path, logits_all=True, n_ctx=256, n_threads=2, seed=0, type_k=0, type_v=0)  # 0 = F32
+    try:
+        own = llm.tokenize(text.encode(), add_bos=True, special=False)
+        llm.reset()
+        llm.eval(ids)
+        scores = torch.tensor(np.asarray(llm.scores[: len(ids)]), dtype=torch.float64)
+        return own, torch.log_softmax(scores, -1).numpy()
+    finally:
+        llm.close()

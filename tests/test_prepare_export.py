@@ -27,6 +27,7 @@ from isara.base_models import BaseModelError, base_model_path
 from isara.gguf import TEMPLATE_FILE, export_gguf
 from isara.engines.llama import open_llama
 from isara.prepare import prepare_base
+from conftest import llama_logprobs
 
 pytestmark = pytest.mark.slow
 
@@ -73,15 +74,7 @@ def _llama(path: Path, f32_kv: bool = True, logits_all: bool = True):
 
 
 def _llama_logprobs(path: Path, ids: list[int]) -> tuple[list[int], np.ndarray]:
-    llm = _llama(path)
-    try:
-        llama_ids = llm.tokenize(PROMPT.encode(), add_bos=True, special=False)
-        llm.reset()
-        llm.eval(ids)
-        scores = torch.tensor(np.asarray(llm.scores[: len(ids)]), dtype=torch.float64)
-        return llama_ids, torch.log_softmax(scores, -1).numpy()
-    finally:
-        llm.close()
+    return llama_logprobs(path, PROMPT, ids)
 
 
 def _check_parity(label: str, gguf_path: Path, ids: list[int], ref: np.ndarray, tol: float) -> float:
