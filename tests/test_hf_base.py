@@ -32,7 +32,7 @@ from isara.gguf import TEMPLATE_FILE, export_gguf
 from isara.params import Base, Finetune
 from isara.paths import iter_paths
 from isara.prepare import run_prepare
-from isara.seeds import read_seed_file, validate_seed_file
+from isara.seeds import validate_seed_file
 from conftest import llama_logprobs
 
 pytestmark = pytest.mark.slow
@@ -168,13 +168,23 @@ def test_hf_checkpoint_end_to_end(arch, tokenizer_of, tokenizers, tmp_path, monk
     lap("parity M1 and generation")
 
 
-def test_hf_base_errors(tmp_path):
+def test_hf_base_errors(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="base.path .* or base.hf"):
         Base(hf="some/model", path=tmp_path / "m.gguf")
     (tmp_path / "empty").mkdir()
-    seeds = SEEDS
     with pytest.raises(BaseModelError, match="no config.json"):
-        validate_seed_file(seeds, Base(hf=str(tmp_path / "empty")), 2048)
+        validate_seed_file(SEEDS, Base(hf=str(tmp_path / "empty")), 2048)
     with pytest.raises(BaseModelError, match="not a checkpoint folder, nor a Hub id"):
-        validate_seed_file(seeds, Base(hf=str(tmp_path / "missing")), 2048)
-    assert read_seed_file(seeds)
+        validate_seed_file(SEEDS, Base(hf=str(tmp_path / "missing")), 2048)
+
+    # a checkpoint without safetensors weights fails prepare before any conversion, and M0 of before stays
+    (tmp_path / "no-weights").mkdir()
+    (tmp_path / "no-weights" / "config.json").write_text('{"model_type": "llama"}')
+    monkeypatch.chdir(tmp_path)
+    m0 = iter_paths(0)
+    m0.hf.mkdir(parents=True)
+    (m0.hf / "config.json").write_text("{}")
+    m0.gguf.write_bytes(b"GGUF before")
+    with pytest.raises(FileNotFoundError, match=r"base.hf = .*no-weights.*no \*.safetensors"):
+        run_prepare(Base(hf=str(tmp_path / "no-weights")))
+    assert m0.gguf.read_bytes() == b"GGUF before" and sorted(p.name for p in m0.hf.iterdir()) == ["config.json"]
