@@ -69,7 +69,9 @@ def fetch_converter(dest: Path | None = None) -> Path:
     if (dest / SCRIPT).is_file() and (dest / QWEN2_VOCAB).is_file():
         return dest
     version = llama_cpp_python_version()
-    with tempfile.TemporaryDirectory(prefix="isara-converter-") as tmp:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    # staged beside dest, so that the rename below is atomic (one filesystem)
+    with tempfile.TemporaryDirectory(prefix=".isara-converter-", dir=dest.parent) as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps", "--quiet",
                f"llama-cpp-python=={version}", "-d", tmp]
         proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -89,13 +91,12 @@ def fetch_converter(dest: Path | None = None) -> Path:
             tar.extractall(staged, members=members, filter="data")
         if not (staged / SCRIPT).is_file():
             raise ConverterError(f"{sdist.name} has no vendor/llama.cpp/{SCRIPT}")
-        dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(dest, ignore_errors=True)  # an incomplete or older copy
         try:
-            staged.rename(dest)  # atomic: a concurrent fetch that won the race leaves its complete copy
-        except OSError:
+            staged.rename(dest)
+        except OSError:  # a concurrent fetch renamed its complete copy there first
             if not (dest / SCRIPT).is_file():
-                shutil.move(str(staged), str(dest))
+                raise
     return dest
 
 

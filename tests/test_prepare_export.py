@@ -73,12 +73,8 @@ def _llama(path: Path, f32_kv: bool = True, logits_all: bool = True):
     return open_llama(path, logits_all=logits_all, n_ctx=256, n_threads=2, seed=0, **kv)
 
 
-def _llama_logprobs(path: Path, ids: list[int]) -> tuple[list[int], np.ndarray]:
-    return llama_logprobs(path, PROMPT, ids)
-
-
 def _check_parity(label: str, gguf_path: Path, ids: list[int], ref: np.ndarray, tol: float) -> float:
-    llama_ids, lp = _llama_logprobs(gguf_path, ids)
+    llama_ids, lp = llama_logprobs(gguf_path, PROMPT, ids)
     assert llama_ids == ids, f"llama.cpp tokenizes the prompt differently: {llama_ids} vs {ids}"
     diff = np.abs(lp - ref)
     top1 = float((lp.argmax(-1) == ref.argmax(-1)).mean())
@@ -195,7 +191,7 @@ def test_q8_0_generates(smol_dir, smol_ref, tmp_path):
     types = {t.tensor_type for t in gguf.GGUFReader(str(out)).tensors}
     assert types == {gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.F32}
     ids, ref = smol_ref
-    _, lp = _llama_logprobs(out, ids)
+    _, lp = llama_logprobs(out, PROMPT, ids)
     # 8-bit weights (and activations in ggml's q8_0 matmul) move the far tail (log p ~ -26) by up to ~1, so
     # compare distributions: KL(transformers || llama.cpp) per position, measured max 0.012 nats
     kl = (np.exp(ref) * (ref - lp)).sum(-1)
