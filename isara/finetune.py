@@ -14,22 +14,30 @@ assistant turn it closes ("<answer><|im_end|>"), the format the exported GGUF is
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
 import shutil
+import subprocess
+import sys
+import tempfile
 import time
 import warnings
+from collections.abc import Iterator
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from isara.gguf import TEMPLATE_FILE
-from isara.io import atomic_directory, write_json
+from isara.io import atomic_directory, atomic_file, write_json, write_jsonl
 from isara.memory import release_freed_memory
 from isara.params import Finetune, ParamsError
 from isara.paths import IterPaths, iter_paths
 from isara.prompts import BARE, PromptFormat
-from isara.records import Record, read_records
+from isara.records import Record, file_sha256, read_records
 
 IGNORE = -100  # label id that transformers' causal-LM loss skips
 
@@ -59,6 +67,18 @@ def length_grouped_batches(examples, batch_size: int, generator: torch.Generator
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     perm = torch.randperm(len(batches), generator=generator).tolist()
     return [batches[i] for i in perm]
+
+
+def step_groups(examples, batch_size: int, accumulation: int, generator: torch.Generator) -> Iterator[list[list[int]]]:
+    """Each optimizer step's micro-batches, epoch after epoch, without end.
+
+    A step takes one length-grouped batch of batch_size x accumulation examples, cut into micro-batches of
+    batch_size: the same examples (and the same seeded order) as one batch of that size, so accumulation changes
+    the memory a step needs, not what it trains on. Deterministic from the generator's seed, which is how a resumed
+    fine-tune finds its place: it replays the steps it has done without computing them."""
+    while True:
+        for batch in length_grouped_batches(examples, batch_size * accumulation, generator):
+            yield [batch[i : i + batch_size] for i in range(0, len(batch), batch_size)]
 
 
 def collate(examples, batch: list[int], pad_id: int) -> dict[str, torch.Tensor]:
@@ -97,25 +117,49 @@ def trained_tokens(inputs: dict[str, torch.Tensor]) -> int:
     return int((inputs["labels"][:, 1:] != IGNORE).sum())
 
 
-def accumulate_gradients(model, micro_batches: list[dict[str, torch.Tensor]], bf16: bool = False) -> float:
+def accumulate_gradients(model, micro_batches: list[dict[str, torch.Tensor]], bf16: bool = False,
+                         total: int | None = None) -> float:
     """Backward over the micro-batches of one optimizer step; returns the step's loss.
 
     Each micro-batch's mean loss is weighted by its share of the step's trained tokens, so the summed gradient is
     that of one batch holding all their examples (the mean over all its trained tokens), however unevenly the
     answer tokens fall into the micro-batches. Dividing by the number of micro-batches instead would weight a
     token of a short-answer micro-batch more than one of a long-answer micro-batch.
+    `total`: the step's trained tokens over all processes (finetune.num_processes), when these micro-batches are one
+    process's share: the weights then sum, over the processes, to the one-process gradient.
     """
     counts = [trained_tokens(inputs) for inputs in micro_batches]
-    total = sum(counts)
+    total = sum(counts) if total is None else total
     step_loss = 0.0
     for inputs, n in zip(micro_batches, counts):
         device = inputs["input_ids"].device
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             loss = answer_loss(model, inputs)
-        # one micro-batch: the plain loss, so the default run's gradients stay bit-identical to before accumulation
-        (loss if len(micro_batches) == 1 else loss * (n / total)).backward()
+        # the whole step in one micro-batch: the plain loss, so the default run's gradients stay bit-identical to
+        # before accumulation
+        (loss if n == total else loss * (n / total)).backward()
         step_loss += float(loss.detach()) * n / total
     return step_loss
+
+
+def all_reduce_gradients(params: list[torch.Tensor], step_loss: float) -> float:
+    """Sum the processes' gradients and step losses (each already weighted by its share of the step's trained
+    tokens, so the sums are what one process computes on the whole step); every process then holds the same
+    gradients, clips them the same way and takes the same optimizer step, so the weights never diverge.
+
+    A plain all-reduce rather than DistributedDataParallel: a process whose share of a step is empty (a last batch
+    smaller than num_processes) still joins it with zero gradients, where DDP would wait for its backward pass."""
+    import torch.distributed as dist
+
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    pending = [dist.all_reduce(p.grad, async_op=True) for p in params]
+    loss = torch.tensor([step_loss], dtype=torch.float64, device=params[0].device)
+    dist.all_reduce(loss)
+    for work in pending:
+        work.wait()
+    return float(loss)
 
 
 def lora_config(cfg: Finetune):
@@ -153,11 +197,16 @@ def merged(model, cfg: Finetune):
     return model.merge_and_unload() if cfg.method == "lora" else model
 
 
-def resolve_device(cfg: Finetune) -> torch.device:
+def resolve_device(cfg: Finetune, local_rank: int = 0) -> torch.device:
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ParamsError("params.yaml: finetune.device = cuda, but torch sees no CUDA GPU "
                           "(torch.cuda.is_available() is False); use auto or cpu")
-    return torch.device("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
+    if cfg.device != "cpu" and torch.cuda.is_available():
+        if cfg.num_processes > torch.cuda.device_count():
+            raise ParamsError(f"params.yaml: finetune.num_processes = {cfg.num_processes}, but torch sees "
+                              f"{torch.cuda.device_count()} CUDA GPU(s): one process per GPU")
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
 
 
 def cpu_has_bf16() -> bool:
@@ -184,81 +233,126 @@ def train_format(model_dir: Path, choice: str) -> PromptFormat:
     return prompt_format(choice, gguf_kv(Path(model_dir) / TEMPLATE_FILE))
 
 
+def distributed() -> tuple[int, int, int]:
+    """(rank, local rank, world size) of this process as torchrun sets them; (0, 0, 1) outside torchrun."""
+    env = os.environ
+    return int(env.get("RANK", 0)), int(env.get("LOCAL_RANK", 0)), int(env.get("WORLD_SIZE", 1))
+
+
 def train(model_dir: Path, records: list[Record], out_dir: Path, cfg: Finetune, log_dir: Path | None = None,
-          progress: bool = True, fmt: PromptFormat = PromptFormat(BARE)) -> dict:
+          progress: bool = True, fmt: PromptFormat = PromptFormat(BARE)) -> dict | None:
+    """Fine-tune the checkpoint in model_dir on records into out_dir; the metrics (None in torchrun's other ranks).
+
+    finetune.num_processes > 1: launch() starts the processes, which come back here under torchrun."""
+    rank, local_rank, world = distributed()
+    if cfg.num_processes > 1 and world == 1:
+        return launch(model_dir, records, out_dir, cfg, log_dir, progress, fmt)
+    device = resolve_device(cfg, local_rank)
+    if world > 1:
+        import torch.distributed as dist
+
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        return _train(model_dir, records, out_dir, cfg, log_dir, progress, fmt, device, rank, world)
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def _train(model_dir: Path, records: list[Record], out_dir: Path, cfg: Finetune, log_dir: Path | None,
+           progress: bool, fmt: PromptFormat, device: torch.device, rank: int, world: int) -> dict | None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(cfg.seed)
-    torch.set_num_threads(cfg.n_threads)
+    # n_threads is the machine's share for the whole fine-tune: on CPU the processes split it
+    torch.set_num_threads(max(1, cfg.n_threads // world) if device.type == "cpu" else cfg.n_threads)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    device = resolve_device(cfg)
     bf16 = use_bf16(cfg, device)
     # Weights, gradients and optimizer state stay fp32; autocast runs the matmuls in bf16 (mixed precision).
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
     model, core = prepare_model(model, cfg)
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]  # lora: the adapter's A and B matrices only
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # lora: the adapter's A and B only
+    params = [p for _, p in named]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     examples = encode(records, tokenizer, cfg.max_length, fmt)
     if not examples:
         raise ValueError("no training examples: every record was cut to nothing by finetune.max_length")
+    trained = [sum(label != IGNORE for label in labels[1:]) for _, labels in examples]  # trained_tokens per example
 
     accumulation = cfg.gradient_accumulation_steps
     # optimizer steps: max_steps, warmup and the schedule count these, not micro-batches
-    steps_per_epoch = math.ceil(math.ceil(len(examples) / cfg.batch_size) / accumulation)
+    steps_per_epoch = math.ceil(len(examples) / (cfg.batch_size * accumulation))
     total = steps_per_epoch * cfg.epochs if cfg.max_steps < 0 else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
     warmup = int(total * cfg.warmup_ratio)
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # fused: one kernel per parameter, no per-parameter temporaries (0.10 GiB less peak memory in the default run)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: (s + 1) / (warmup + 1) if s < warmup else max(0.0, (total - s) / max(total - warmup, 1)))
 
+    resume = ResumeState(out_dir, fingerprint(model_dir, examples, cfg, fmt)) if cfg.resume_every else None
+    done = resume.load(named, optimizer, schedule, device) if resume else {}
+    first_step = done.get("step", 0)
+    losses, tokens, slots = done.get("losses", []), done.get("tokens", 0), done.get("slots", 0)
+    seconds_before = done.get("seconds", 0.0)
+
     live = None
-    if log_dir is not None:
+    if log_dir is not None and rank == 0:
         from dvclive import Live
 
-        shutil.rmtree(log_dir, ignore_errors=True)
-        live = Live(str(log_dir), dvcyaml=None, save_dvc_exp=False, report=None)
+        if not first_step:
+            shutil.rmtree(log_dir, ignore_errors=True)
+        # resume: DVCLive carries on from the step the curves reached
+        live = Live(str(log_dir), dvcyaml=None, save_dvc_exp=False, report=None, resume=bool(first_step))
 
-    generator = torch.Generator().manual_seed(cfg.seed)
-    step, losses, tokens, slots, start = 0, [], 0, 0, time.perf_counter()
-    bar = tqdm(total=total, desc="finetune", unit="step", disable=not progress)
-    while step < total:
-        micro = length_grouped_batches(examples, cfg.batch_size, generator)
-        for first in range(0, len(micro), accumulation):
-            if step >= total:
-                break
-            group = [{k: v.to(device) for k, v in collate(examples, batch, pad_id).items()}
-                     for batch in micro[first : first + accumulation]]
-            losses.append(accumulate_gradients(core, group, bf16))
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            tokens += sum(int(inputs["attention_mask"].sum()) for inputs in group)  # real tokens, padding excluded
-            slots += sum(inputs["attention_mask"].numel() for inputs in group)
-            if live is not None:
-                live.log_metric("loss", losses[-1])
-                live.log_metric("lr", schedule.get_last_lr()[0])
-                live.next_step()
-            bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    start = time.perf_counter()
+    bar = tqdm(total=total, initial=first_step, desc="finetune", unit="step", disable=not progress or rank > 0)
+    groups = step_groups(examples, cfg.batch_size, accumulation, torch.Generator().manual_seed(cfg.seed))
+    for step, group in zip(range(total), groups):
+        if step < first_step:  # done before the resume: its batches drawn (the generator's order), not trained
+            continue
+        # this process's rows of each micro-batch (all of them in one process); a share can be empty
+        mine = [batch[rank::world] for batch in group]
+        inputs = [{k: v.to(device) for k, v in collate(examples, b, pad_id).items()} for b in mine if b]
+        step_loss = accumulate_gradients(core, inputs, bf16, sum(trained[i] for b in group for i in b))
+        losses.append(all_reduce_gradients(params, step_loss) if world > 1 else step_loss)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        tokens += sum(len(examples[i][0]) for b in group for i in b)  # real tokens, padding excluded
+        slots += sum(len(b) * max(len(examples[i][0]) for i in b) for b in group)
+        if live is not None:
+            live.log_metric("loss", losses[-1])
+            live.log_metric("lr", schedule.get_last_lr()[0])
+            live.next_step()
+        bar.update(1)
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        if resume and rank == 0 and (step + 1) % cfg.resume_every == 0 and step + 1 < total:
+            resume.save(named, optimizer, schedule, step=step + 1, losses=losses, tokens=tokens, slots=slots,
+                        seconds=seconds_before + time.perf_counter() - start)
     bar.close()
-    seconds = time.perf_counter() - start
+    seconds = seconds_before + time.perf_counter() - start
     if live is not None:
         live.end()
 
     del optimizer, schedule  # AdamW's two fp32 moments (2x the model) need not sit through the save
     trainable = sum(p.numel() for p in params)
-    del params
+    del params, named
+    if rank > 0:
+        return None
     model = merged(model, cfg)
     model.eval()
     model.to("cpu")
     save_checkpoint(model, tokenizer, out_dir, carry=[Path(model_dir) / TEMPLATE_FILE])
+    if resume:
+        resume.remove()  # the checkpoint is written: nothing left to resume
     tail = losses[-steps_per_epoch:]
     return {
         "examples": len(examples),
-        "steps": step,
+        "steps": total,
         "first_loss": round(losses[0], 4),
         "final_loss": round(losses[-1], 4),
         "last_epoch_mean_loss": round(sum(tail) / len(tail), 4),
@@ -267,13 +361,95 @@ def train(model_dir: Path, records: list[Record], out_dir: Path, cfg: Finetune, 
         "padding_share": round(1 - tokens / slots, 4),
         "seconds": round(seconds, 2),
         "device": device.type,
+        "processes": world,
         "precision": "bf16" if bf16 else "fp32",
         "format": fmt.name,
         "method": cfg.method,
         "trainable_parameters": trainable,
         "gradient_checkpointing": cfg.gradient_checkpointing,
         "gradient_accumulation_steps": accumulation,
+        "resumed_from_step": first_step,
     }
+
+
+# Params that change how a fine-tune runs, not what it computes: a resume may change them.
+RUN_ONLY = ("n_threads", "release_memory", "resume_every", "num_processes")
+
+
+def fingerprint(model_dir: Path, examples, cfg: Finetune, fmt: PromptFormat) -> str:
+    """What a resume state must have been trained from: the start weights, the encoded examples, the params that
+    shape training and the prompt format. Hashing the weights costs about a second per GB, next to hours of
+    training at the sizes that need a resume."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(model_dir).glob("*.safetensors")):
+        digest.update(file_sha256(path).encode())
+    digest.update(json.dumps([examples, cfg.model_dump(mode="json", exclude=set(RUN_ONLY)), asdict(fmt)],
+                             sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+class ResumeState:
+    """finetune.resume_every: the trainable weights, optimizer and schedule state, step, loss curve and RNG state
+    in one file beside the checkpoint folder (<out>.resume.pt). DVC deletes a stage's outputs before it runs it
+    again, so the state cannot live inside them; the file is git-ignored and removed once the checkpoint is
+    written. A state whose fingerprint differs (other params, data or start weights) is ignored and replaced."""
+
+    def __init__(self, out_dir: Path, digest: str):
+        self.path = Path(out_dir).with_name(Path(out_dir).name + ".resume.pt")
+        self.digest = digest
+
+    def load(self, named, optimizer, schedule, device: torch.device) -> dict:
+        if not self.path.exists():
+            return {}
+        state = torch.load(self.path, map_location=device, weights_only=True)
+        if state.get("fingerprint") != self.digest:
+            warnings.warn(f"{self.path}: a resume state of another fine-tune (params, data or start model differ); "
+                          "starting from step 0", stacklevel=2)
+            return {}
+        with torch.no_grad():
+            for name, p in named:
+                p.copy_(state["weights"][name])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        torch.set_rng_state(state["rng"].cpu())
+        print(f"finetune: resuming from step {state['step']} ({self.path})", flush=True)
+        return state
+
+    def save(self, named, optimizer, schedule, **progress) -> None:
+        state = {"fingerprint": self.digest, "weights": {n: p.detach() for n, p in named},
+                 "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                 "rng": torch.get_rng_state(), **progress}
+        with atomic_file(self.path) as tmp:
+            torch.save(state, tmp)
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def launch(model_dir: Path, records: list[Record], out_dir: Path, cfg: Finetune, log_dir: Path | None,
+           progress: bool, fmt: PromptFormat) -> dict:
+    """finetune.num_processes > 1: train() in that many processes on this machine, started by torchrun (torch's
+    own launcher): gloo on CPU, NCCL and one GPU per process on CUDA. Data-parallel: each process takes its rows of
+    every batch and the gradients are summed (all_reduce_gradients), so the model equals one process's on the same
+    batches, within float rounding. DVC still sees one stage: this process waits and returns rank 0's metrics."""
+    resolve_device(cfg)  # a params error before any process starts
+    with tempfile.TemporaryDirectory(prefix="isara-finetune-") as tmp:
+        spec = {"model_dir": str(model_dir), "records": f"{tmp}/records.jsonl", "out_dir": str(out_dir),
+                "cfg": cfg.model_dump(mode="json"), "log_dir": str(log_dir) if log_dir else None,
+                "progress": progress, "fmt": asdict(fmt), "metrics": f"{tmp}/metrics.json"}
+        write_jsonl(spec["records"], records)
+        write_json(f"{tmp}/spec.json", spec)
+        # the processes import this isara (a queued `dvc exp run` runs a copy of the project, not site-packages)
+        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, cfg.n_threads // cfg.num_processes)),
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
+                                                           os.environ.get("PYTHONPATH")]))}
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={cfg.num_processes}",
+               "-m", "isara.finetune", f"{tmp}/spec.json"]
+        code = subprocess.run(cmd, env=env).returncode
+        if code:
+            raise RuntimeError(f"finetune.num_processes = {cfg.num_processes}: torchrun exited with code {code} "
+                               "(the processes' errors are above)")
+        return json.loads(Path(spec["metrics"]).read_text())
 
 
 def save_checkpoint(model, tokenizer, out_dir: Path, carry: list[Path] = ()) -> None:
@@ -307,3 +483,19 @@ def run_finetune(iteration: str, prev: str, cfg: Finetune, progress: bool = True
         metrics["dataset_size"] = len(records)
     write_json((out or here).metrics("finetune"), metrics)
     return metrics
+
+
+def worker(spec_path: str) -> None:
+    """One of launch()'s processes (torchrun runs `python -m isara.finetune SPEC`)."""
+    spec = json.loads(Path(spec_path).read_text())
+    cfg = Finetune(**spec["cfg"])
+    if cfg.release_memory:
+        release_freed_memory()
+    metrics = train(Path(spec["model_dir"]), read_records(spec["records"]), Path(spec["out_dir"]), cfg,
+                    Path(spec["log_dir"]) if spec["log_dir"] else None, spec["progress"], PromptFormat(**spec["fmt"]))
+    if metrics is not None:
+        write_json(spec["metrics"], metrics)
+
+
+if __name__ == "__main__":
+    worker(sys.argv[1])

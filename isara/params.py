@@ -157,6 +157,12 @@ class Finetune(Section):
     # Micro-batches of batch_size per optimizer step: effective batch = batch_size x gradient_accumulation_steps;
     # max_steps, warmup and the lr schedule count optimizer steps.
     gradient_accumulation_steps: int = Field(1, ge=1)
+    # Data-parallel processes on this machine, started by torchrun (gloo on CPU, one GPU each on CUDA): each takes
+    # batch_size / num_processes rows of every micro-batch, and the summed gradients give the one-process model.
+    num_processes: int = Field(1, ge=1)
+    # Save the training state (trainable weights, AdamW moments, step) every this many optimizer steps beside the
+    # checkpoint (<out>.resume.pt), so that a killed fine-tune resumes there when it is run again; 0: never.
+    resume_every: int = Field(0, ge=0)
 
     @field_validator("lora_target_modules")
     @classmethod
@@ -165,6 +171,13 @@ class Finetune(Section):
         if bad:
             raise ValueError(f"{bad[0]!r} is not a module name (letters, digits, '_' and '.')")
         return names
+
+    @model_validator(mode="after")
+    def _rows_for_every_process(self) -> Finetune:
+        if self.num_processes > self.batch_size:
+            raise ValueError(f"num_processes ({self.num_processes}) is more than batch_size ({self.batch_size}): "
+                             "each process needs at least one row of every batch")
+        return self
 
 
 class Export(Section):

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -13,8 +15,8 @@ from conftest import REPO, SEEDS
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from isara.base_models import base_model_path
-from isara.finetune import (IGNORE, accumulate_gradients, answer_loss, collate, encode, length_grouped_batches, merged,
-                            prepare_model, resolve_device, trained_tokens, train)
+from isara.finetune import (IGNORE, ResumeState, accumulate_gradients, answer_loss, collate, encode,
+                            length_grouped_batches, merged, prepare_model, resolve_device, trained_tokens, train)
 from isara.gguf import export_gguf
 from isara.params import Finetune, ParamsError
 from isara.prepare import prepare_base
@@ -136,29 +138,103 @@ def test_accumulated_micro_batches_give_the_big_batchs_gradient(smol_hf, seeds, 
     assert abs(naive - big_loss) > 20 * abs(acc_loss - big_loss)
 
 
-def test_accumulation_steps_make_one_update_like_a_batch_k_times_larger(smol_hf, seeds, tmp_path):
-    """train(): batch 4 x 2 accumulation steps = batch 8 in one optimizer step, on the same 8 examples (fp32). The
-    schedule counts optimizer steps: one epoch of 8 examples is one step either way."""
-    base = dict(max_length=96, epochs=1, precision="fp32", lr=1e-4)
-    one = train(smol_hf, seeds[:8], tmp_path / "big", Finetune(batch_size=8, **base), progress=False)
-    acc = train(smol_hf, seeds[:8], tmp_path / "acc", Finetune(batch_size=4, gradient_accumulation_steps=2, **base),
-                progress=False)
-    assert one["steps"] == acc["steps"] == 1 and acc["gradient_accumulation_steps"] == 2
-    assert one["train_tokens"] == acc["train_tokens"]
-    assert abs(one["first_loss"] - acc["first_loss"]) < 1e-4
-    start = AutoModelForCausalLM.from_pretrained(smol_hf, dtype=torch.float32).state_dict()
-    a = AutoModelForCausalLM.from_pretrained(tmp_path / "big", dtype=torch.float32).state_dict()
-    b = AutoModelForCausalLM.from_pretrained(tmp_path / "acc", dtype=torch.float32).state_dict()
-    # AdamW's first step moves each weight by about lr x sign(gradient): compare the updates weight by weight.
-    # Two optimizer steps, or one on a single micro-batch, would move a large share of them differently.
+def _updates_differing(start: Path, a: Path, b: Path, lr: float) -> tuple[int, int]:
+    """(weights moved from start in a, of them moved differently in b by more than 1% of lr)."""
+    s0 = AutoModelForCausalLM.from_pretrained(start, dtype=torch.float32).state_dict()
+    sa = AutoModelForCausalLM.from_pretrained(a, dtype=torch.float32).state_dict()
+    sb = AutoModelForCausalLM.from_pretrained(b, dtype=torch.float32).state_dict()
     moved = differ = 0
-    for name in start:
-        da, db = a[name] - start[name], b[name] - start[name]
+    for name in s0:
+        da, db = sa[name] - s0[name], sb[name] - s0[name]
         moved += int((da != 0).sum())
-        differ += int(((da - db).abs() > 0.01 * base["lr"]).sum())
-    print(f"\n[accumulation] {differ} of {moved} moved weights updated differently")
+        differ += int(((da - db).abs() > 0.01 * lr).sum())
+    return moved, differ
+
+
+# One fine-tune that the accumulation, two-process and resume tests each reproduce another way: 9 examples in
+# batches of 8, 2 optimizer steps (8 examples, then 1), fp32.
+REFERENCE = dict(max_length=96, epochs=1, precision="fp32", lr=1e-4, batch_size=8)
+
+
+@pytest.fixture(scope="module")
+def reference(smol_hf, seeds, tmp_path_factory):
+    out = tmp_path_factory.mktemp("reference") / "hf"
+    return out, train(smol_hf, seeds[:9], out, Finetune(**REFERENCE), progress=False)
+
+
+def _same_training(smol_hf, reference, other: Path, m: dict, label: str) -> None:
+    """`other` trained what the reference trained: same steps, tokens and losses, and weight by weight the same
+    updates. AdamW's first step moves each weight by about lr x sign(gradient); another batching (an optimizer step
+    on a single micro-batch, one process's rows alone) would move a large share of them differently."""
+    ref_dir, ref = reference
+    assert m["steps"] == ref["steps"] == 2 and m["train_tokens"] == ref["train_tokens"]
+    assert abs(m["first_loss"] - ref["first_loss"]) < 1e-4 and abs(m["final_loss"] - ref["final_loss"]) < 1e-4
+    moved, differ = _updates_differing(smol_hf, ref_dir, other, REFERENCE["lr"])
+    print(f"\n[{label}] loss {m['first_loss']} -> {m['final_loss']}; {differ} of {moved} moved weights updated "
+          "differently from the reference")
     assert moved > 1_000_000
     assert differ / moved < 1e-3
+
+
+def test_accumulation_steps_make_one_update_like_a_batch_k_times_larger(smol_hf, seeds, reference, tmp_path):
+    """train(): batch 4 x 2 accumulation steps = batch 8 in one optimizer step, on the same examples. The schedule
+    counts optimizer steps: 2 either way."""
+    cfg = Finetune(**{**REFERENCE, "batch_size": 4}, gradient_accumulation_steps=2)
+    m = train(smol_hf, seeds[:9], tmp_path / "acc", cfg, progress=False)
+    assert m["gradient_accumulation_steps"] == 2
+    _same_training(smol_hf, reference, tmp_path / "acc", m, "accumulation")
+
+
+def test_two_gloo_processes_train_what_one_process_trains(smol_hf, seeds, reference, tmp_path):
+    """finetune.num_processes = 2 on CPU: torchrun starts two processes (gloo), each trains on its rows of every batch
+    and the gradients are summed, so the checkpoint is the one-process checkpoint of the same global batches. Step 1
+    splits 4 + 4 rows; step 2 has one row, so the second process joins it with an empty share."""
+    m = train(smol_hf, seeds[:9], tmp_path / "two", Finetune(**REFERENCE, num_processes=2), progress=False)
+    assert m["processes"] == 2 and reference[1]["processes"] == 1
+    _same_training(smol_hf, reference, tmp_path / "two", m, "2 processes")
+
+
+RESUMABLE = """
+from pathlib import Path
+from isara.finetune import train
+from isara.params import Finetune
+from isara.seeds import read_seed_file
+train(Path({model!r}), read_seed_file(Path({seeds!r}))[:9], Path({out!r}), Finetune(**{cfg!r}), progress=False)
+"""
+
+
+def test_killed_finetune_resumes_to_the_same_checkpoint(smol_hf, seeds, reference, tmp_path):
+    """finetune.resume_every: a fine-tune killed (SIGKILL) after its first saved state resumes there when run
+    again, and ends with exactly the reference checkpoint, bit for bit (weights, AdamW moments, schedule and batch
+    order restored). A state from other params, data or start weights is ignored with a warning."""
+    cfg = {**REFERENCE, "resume_every": 1}
+    out, state = tmp_path / "hf", tmp_path / "hf.resume.pt"
+    script = RESUMABLE.format(cfg=cfg, model=str(smol_hf), seeds=str(SEEDS / "safety.jsonl"), out=str(out))
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO)
+    try:
+        deadline = time.monotonic() + 300
+        while not state.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert state.exists(), "no resume state appeared"
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not out.exists()  # killed before the end
+
+    m = train(smol_hf, seeds[:9], out, Finetune(**cfg), progress=False)
+    assert m["resumed_from_step"] == 1  # the one state saved (never at the last step)
+    assert not state.exists()  # the checkpoint is written: the state is gone
+    ref_dir, ref = reference
+    assert [m[k] for k in ("steps", "first_loss", "final_loss", "train_tokens")] == \
+        [ref[k] for k in ("steps", "first_loss", "final_loss", "train_tokens")]
+    a = AutoModelForCausalLM.from_pretrained(ref_dir, dtype=torch.float32).state_dict()
+    b = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).state_dict()
+    assert all(torch.equal(a[name], b[name]) for name in a)
+
+    # a state left by a fine-tune with other params, data or start weights: ignored, the run starts at step 0
+    torch.save({"fingerprint": "other"}, state)
+    with pytest.warns(UserWarning, match="another fine-tune"):
+        assert ResumeState(out, "this one").load([], None, None, torch.device("cpu")) == {}
 
 
 def _saved_bytes(model, inputs) -> tuple[float, int]:
