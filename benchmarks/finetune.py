@@ -5,6 +5,8 @@ With --memory: peak memory and tokens/s of the finetune methods and memory lever
     python benchmarks/finetune.py --steps 16 --threads 2 --batch-size 8
     python benchmarks/finetune.py --memory              # full / lora x checkpointing, the default finetune@2 shape
     python benchmarks/finetune.py --memory --dataset artifacts/2/dataset.jsonl   # a real D(2)
+    python benchmarks/finetune.py --device cuda --sizes 135M 360M 1.7B --batch-size 32 --steps 64 --repeats 1
+                                                        # issue 13's GPU table: random-weight SmolLM2 shapes, bf16
 
 Both train the same prepared base checkpoint (SmolLM2-135M, fp32) on the same examples (data/seeds/safety.jsonl
 encoded by isara.finetune.encode: prompt tokens masked, answer + eos trained), same lr, batch size, optimizer
@@ -51,8 +53,8 @@ from isara.records import read_records  # noqa: E402
 from isara.seeds import read_seed_file  # noqa: E402
 
 
-def run_trainer(model_dir: Path, examples, cfg: Finetune, steps: int, out: Path, bf16: bool = False
-                ) -> tuple[float, int, int]:
+def run_trainer(model_dir: Path, examples, cfg: Finetune, steps: int, out: Path, bf16: bool = False,
+                device: str = "cpu") -> tuple[float, int, int]:
     from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
     torch.manual_seed(cfg.seed)
@@ -72,13 +74,45 @@ def run_trainer(model_dir: Path, examples, cfg: Finetune, steps: int, out: Path,
     args = TrainingArguments(
         output_dir=str(out), per_device_train_batch_size=cfg.batch_size, learning_rate=cfg.lr, max_steps=steps,
         weight_decay=cfg.weight_decay, warmup_steps=int(steps * cfg.warmup_ratio), max_grad_norm=1.0, logging_steps=steps,
-        save_strategy="no", report_to=[], use_cpu=True, seed=cfg.seed, dataloader_num_workers=0,
+        save_strategy="no", report_to=[], use_cpu=device == "cpu", seed=cfg.seed, dataloader_num_workers=0,
         disable_tqdm=True, bf16=bf16,
     )
     trainer = CountingTrainer(model=model, args=args, train_dataset=rows, data_collator=collator)
     start = time.perf_counter()
     trainer.train()
+    if device == "cuda":
+        torch.cuda.synchronize()
     return time.perf_counter() - start, counted["real"], counted["padded"]
+
+
+# --sizes: SmolLM2-shaped llama configs (SmolLM2's tokenizer and vocabulary), built with random weights: enough for
+# throughput, which does not depend on the weights' values.
+SIZES = {
+    "135M": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                 num_key_value_heads=3),
+    "360M": dict(hidden_size=960, intermediate_size=2560, num_hidden_layers=32, num_attention_heads=15,
+                 num_key_value_heads=5),
+    "1.7B": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=32,
+                 num_key_value_heads=32),
+}
+
+
+def random_checkpoint(base: Path, size: str, out: Path) -> Path:
+    """A random-weight checkpoint of `size` with the prepared base's tokenizer and GGUF template beside it."""
+    import shutil
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(base)
+    for key, value in SIZES[size].items():
+        setattr(config, key, value)
+    config.head_dim = config.hidden_size // config.num_attention_heads
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(out)
+    for path in base.iterdir():
+        if not path.name.startswith(("model", "config")):
+            shutil.copy(path, out / path.name)
+    return out
 
 
 # --memory rows: overrides of the params.yaml finetune defaults. release_memory is process-wide (glibc's malloc), so
@@ -150,6 +184,9 @@ def main() -> None:
     ap.add_argument("--dataset", type=Path, help="--memory: a records JSONL (e.g. artifacts/2/dataset.jsonl)")
     ap.add_argument("--base", type=Path, help="a prepared base checkpoint (isara prepare's hf/) instead of preparing one")
     ap.add_argument("--rows", nargs="+", choices=list(MEMORY_CONFIGS), help="--memory: only these rows")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where both loops train")
+    ap.add_argument("--sizes", nargs="+", choices=list(SIZES),
+                    help="random-weight SmolLM2-shaped models of these sizes instead of the real SmolLM2-135M")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -164,36 +201,58 @@ def main() -> None:
     if args.memory:
         return memory_table(args, work, base)
     records = read_seed_file(REPO / "data/seeds/safety.jsonl")
-    cfg = Finetune(batch_size=args.batch_size, max_steps=args.steps, epochs=100, n_threads=args.threads)
+    for size in args.sizes or [None]:
+        model_dir = random_checkpoint(base, size, work / f"random-{size}") if size else base
+        throughput_table(args, work, model_dir, records, size or "SmolLM2-135M")
+
+
+def throughput_table(args, work: Path, base: Path, records, label: str) -> None:
     from transformers import AutoTokenizer
 
+    cfg = Finetune(batch_size=args.batch_size, max_steps=args.steps, epochs=100, n_threads=args.threads,
+                   device=args.device)
     examples = encode(records, AutoTokenizer.from_pretrained(base), cfg.max_length)
-
-    isara_runs = {"isara fp32": cfg.model_copy(update={"precision": "fp32"}), "isara auto": cfg}
-    results: dict[str, list[float]] = {name: [] for name in ("trainer", "trainer bf16", *isara_runs)}
+    # On a GPU both loops run in bf16 (the Trainer's bf16 flag, isara's autocast): equal precision; fp32 is CPU's
+    # reference row.
+    isara_runs = {"isara auto": cfg} if args.device == "cuda" else {
+        "isara fp32": cfg.model_copy(update={"precision": "fp32"}), "isara auto": cfg}
+    trainers = {"trainer bf16": True} if args.device == "cuda" else {"trainer": False, "trainer bf16": True}
+    results: dict[str, list[float]] = {name: [] for name in (*trainers, *isara_runs)}
     padding: dict[str, list[float]] = {name: [] for name in results}
+    peak: dict[str, float] = {}
     chosen = ""
     for r in range(args.repeats):
-        seconds, real, padded = run_trainer(base, examples, cfg, args.steps, work / f"trainer{r}")
-        results["trainer"].append(real / seconds)
-        padding["trainer"].append(1 - real / padded)
-        seconds, real, padded = run_trainer(base, examples, cfg, args.steps, work / f"trainer-bf16-{r}", bf16=True)
-        results["trainer bf16"].append(real / seconds)
-        padding["trainer bf16"].append(1 - real / padded)
+        for name, bf16 in trainers.items():
+            seconds, real, padded = run_trainer(base, examples, cfg, args.steps, work / f"{name}-{r}".replace(" ", "-"),
+                                                bf16=bf16, device=args.device)
+            results[name].append(real / seconds)
+            padding[name].append(1 - real / padded)
+            peak[name] = cuda_peak_gib()
         for name, run_cfg in isara_runs.items():
             m = train(base, records, work / f"{name}{r}".replace(" ", "-"), run_cfg, log_dir=None, progress=False)
             results[name].append(m["tokens_per_second"])
             padding[name].append(m["padding_share"])
+            peak[name] = cuda_peak_gib()
             chosen = m["precision"] if name == "isara auto" else chosen
 
-    print(f"fine-tuning SmolLM2-135M, {len(examples)} examples, batch {args.batch_size}, {args.steps} steps, "
+    print(f"\nfine-tuning {label} on {args.device}, {len(examples)} examples, batch {args.batch_size}, {args.steps} steps, "
           f"{args.threads} threads, {args.repeats} repeats (median); isara auto chose {chosen}")
-    trainer = statistics.median(results["trainer"])
-    print(f"{'loop':<12} {'real tok/s':>10} {'padding':>8} {'vs trainer':>10}")
+    reference = statistics.median(results[next(iter(trainers))])
+    print(f"{'loop':<12} {'real tok/s':>10} {'padding':>8} {'vs trainer':>10}"
+          + (f" {'peak GPU GiB':>12}" if args.device == "cuda" else ""))
     for name in results:
         tps = statistics.median(results[name])
-        print(f"{name:<12} {tps:>10.1f} {statistics.median(padding[name]):>8.1%} {tps / trainer:>9.2f}x")
+        print(f"{name:<12} {tps:>10.1f} {statistics.median(padding[name]):>8.1%} {tps / reference:>9.2f}x"
+              + (f" {peak[name]:>12.1f}" if args.device == "cuda" else ""))
 
+
+def cuda_peak_gib() -> float:
+    """Peak GPU memory since the last call (0 on CPU)."""
+    if not torch.cuda.is_available():
+        return 0.0
+    value = torch.cuda.max_memory_allocated() / 2**30
+    torch.cuda.reset_peak_memory_stats()
+    return value
 
 if __name__ == "__main__":
     main()
