@@ -254,5 +254,6 @@ def cuda_peak_gib() -> float:
     torch.cuda.reset_peak_memory_stats()
     return value
 
+
 if __name__ == "__main__":
     main()

@@ -87,8 +87,8 @@ def test_second_repro_runs_nothing(tiny_project):
 @pytest.mark.mutates_tiny_project
 def test_param_change_reruns_only_the_stages_that_read_it(tiny_project):
     """A param reruns the stages that declare its section and what depends on their outputs, nothing upstream.
-    A datacard param: until 2026-11-30 this changed finetune.lr, which reruns most of the pipeline (218 s of the
-    CI budget) to show the same DVC mechanism; tests/test_dvc_deps.py checks every stage's declared params."""
+    A datacard param, because a finetune one reruns most of the pipeline (218 s of the CI budget) to show the same
+    DVC mechanism; tests/test_dvc_deps.py checks every stage's declared params."""
     params = tiny_project.root / "params.yaml"
     params.write_text(params.read_text().replace("datacard: {n_examples: 2}", "datacard: {n_examples: 1}"))
     ran = stages_run(tiny_project.dvc("repro").stdout)
