@@ -124,6 +124,7 @@ MEMORY_CONFIGS = {
     "full + checkpointing + release_memory (default)": {"gradient_checkpointing": True, "release_memory": True},
     "lora": {**PLAIN, "method": "lora"},
     "lora + checkpointing": {**PLAIN, "method": "lora", "gradient_checkpointing": True},
+    "lora + checkpointing + release_memory": {"method": "lora", "gradient_checkpointing": True, "release_memory": True},
     "full, batch 4 x 2 accumulation": {**PLAIN, "batch_size": 4, "gradient_accumulation_steps": 2},
 }
 
@@ -161,7 +162,7 @@ def memory_table(args, work: Path, base: Path) -> None:
         print(f"  {name}: {m['peak_rss_gib']:.2f} GiB, {m['tokens_per_second']:.1f} tok/s, "
               f"{time.perf_counter() - t:.0f} s with load and save", flush=True)
     first = next(iter(rows.values()))
-    print(f"\nfine-tuning SmolLM2-135M, {first['examples']} examples, {first['format']} format, batch "
+    print(f"\nfine-tuning {base}, {first['examples']} examples, {first['format']} format, batch "
           f"{defaults['batch_size']}, max_length {defaults['max_length']}, {args.epochs} epochs "
           f"({first['steps']} optimizer steps), {first['precision']}, {args.threads} threads, one process per row")
     full = rows.get("full", first)

@@ -96,22 +96,73 @@ def collate(examples, batch: list[int], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+LOSS_CHUNK = 256  # trained positions whose logits exist at once in HeadLoss
+
+
+class HeadLoss(torch.autograd.Function):
+    """Mean cross-entropy of the LM head's logits (hidden @ weight.T, Gemma's soft cap applied when set) against
+    `targets`, LOSS_CHUNK rows at a time, with both gradients taken in the forward pass (Liger-Kernel's fused
+    linear cross-entropy, in plain torch). Autograd would keep every row's logits, their softmax and, with the
+    soft cap, its tanh alive until the backward pass: for Gemma 3's 262k vocabulary that is 1 GiB of fp32 per
+    1,000 trained positions per tensor, the largest part of its fine-tune's peak memory; here one chunk's exist.
+    The matmuls run under the caller's autocast as the head's own forward and backward would."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, cap):
+        n = hidden.shape[0]
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None  # LoRA: the head is frozen
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        device = hidden.device.type
+        if torch.is_autocast_enabled(device):  # cast the head once, not in every chunk's two matmuls
+            weight = weight.to(torch.get_autocast_dtype(device))
+        for start in range(0, n, LOSS_CHUNK):
+            h, t = hidden[start:start + LOSS_CHUNK], targets[start:start + LOSS_CHUNK]
+            logits = (h @ weight.t()).float()
+            if cap:
+                squashed = torch.tanh(logits / cap)
+                logits = squashed * cap
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            if grad_hidden is None and grad_weight is None:
+                continue
+            grad = logits.sub_(lse[:, None]).exp_()  # softmax, in the logits' memory
+            grad[torch.arange(len(t), device=t.device), t] -= 1
+            if cap:
+                grad.mul_(1 - squashed.square_())
+            grad.div_(n)
+            if grad_hidden is not None:
+                grad_hidden[start:start + LOSS_CHUNK] = grad @ weight
+            if grad_weight is not None:
+                grad_weight += grad.t() @ h
+        ctx.grads = (grad_hidden, grad_weight)
+        return total / n
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_hidden, grad_weight = ctx.grads
+        del ctx.grads
+        return tuple(None if g is None else g * grad_output.to(g.dtype) for g in (grad_hidden, grad_weight)) + (None, None)
+
+
 def answer_loss(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     """The causal-LM loss of `model(**inputs).loss`, with the LM head run only where a label is trained.
 
     The head (vocabulary x hidden, the largest matrix of a small model) and its softmax would otherwise
-    run on every prompt and padding position only for the loss to ignore them.
+    run on every prompt and padding position only for the loss to ignore them; HeadLoss then runs it a chunk
+    of positions at a time.
     """
     # use_cache=False: training never reads a KV cache back, so building one only holds tensors longer
     hidden = model.get_decoder()(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
                                  use_cache=False)[0]
     targets = inputs["labels"][:, 1:]
     keep = targets != IGNORE
-    logits = model.get_output_embeddings()(hidden[:, :-1][keep]).float()
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    if cap:  # Gemma-style soft cap, as the model's own forward applies it
-        logits = torch.tanh(logits / cap) * cap
-    return torch.nn.functional.cross_entropy(logits, targets[keep])
+    head = model.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear) or head.bias is not None:  # e.g. lm_head among LoRA's targets
+        raise ParamsError(f"finetune: the LM head must be a plain linear layer without bias, not {head!r}; "
+                          "leave lm_head out of finetune.lora_target_modules")
+    cap = getattr(model.config, "final_logit_softcapping", None)  # Gemma-style soft cap, as the model's forward
+    return HeadLoss.apply(hidden[:, :-1][keep], head.weight, targets[keep], cap)
 
 
 def trained_tokens(inputs: dict[str, torch.Tensor]) -> int:

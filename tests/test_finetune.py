@@ -15,8 +15,8 @@ from conftest import REPO, SEEDS
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from isara.base_models import base_model_path
-from isara.finetune import (IGNORE, ResumeState, accumulate_gradients, answer_loss, collate, encode,
-                            length_grouped_batches, merged, prepare_model, resolve_device, trained_tokens, train)
+from isara.finetune import (IGNORE, LOSS_CHUNK, HeadLoss, ResumeState, accumulate_gradients, answer_loss, collate,
+                            encode, length_grouped_batches, merged, prepare_model, resolve_device, trained_tokens, train)
 from isara.gguf import export_gguf
 from isara.params import Finetune, ParamsError
 from isara.prepare import prepare_base
@@ -52,6 +52,29 @@ def test_answer_loss_equals_the_models_own_loss(smol_hf, seeds):
     labels[labels != IGNORE] = tok.eos_token_id
     with torch.no_grad():
         assert abs(float(answer_loss(model, {**inputs, "labels": labels})) - float(ours)) > 0.1
+
+
+@pytest.mark.parametrize("cap", [None, 30.0])
+def test_head_loss_matches_autograd_over_several_chunks(cap):
+    """HeadLoss takes its gradients chunk by chunk in the forward pass: loss and both gradients must be what
+    autograd gives for the whole logits matrix (fp32; 600 rows = 3 chunks, the last one partial)."""
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(600, 32, generator=g, dtype=torch.float64).float().requires_grad_()
+    weight = torch.randn(1000, 32, generator=g).requires_grad_()
+    targets = torch.randint(0, 1000, (600,), generator=g)
+    assert 2 * LOSS_CHUNK < 600 < 3 * LOSS_CHUNK
+    logits = hidden @ weight.t()
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    reference = torch.nn.functional.cross_entropy(logits, targets)
+    ref_h, ref_w = torch.autograd.grad(2 * reference, (hidden, weight))
+    loss = HeadLoss.apply(hidden, weight, targets, cap)
+    got_h, got_w = torch.autograd.grad(2 * loss, (hidden, weight))  # 2x: the incoming gradient is applied
+    torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got_h, ref_h, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(got_w, ref_w, rtol=1e-4, atol=1e-7)
+    frozen = HeadLoss.apply(hidden, weight.detach(), targets, cap)  # LoRA: the head takes no gradient
+    assert torch.autograd.grad(frozen, hidden)[0].shape == hidden.shape
 
 
 def test_length_grouping_pads_less_than_arrival_order(smol_hf, seeds):
