@@ -96,7 +96,7 @@ def collate(examples, batch: list[int], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-LOSS_CHUNK = 256  # trained positions whose logits exist at once in HeadLoss
+LOSS_CHUNK = 64  # trained positions whose logits exist at once in HeadLoss
 
 
 class HeadLoss(torch.autograd.Function):
