@@ -16,11 +16,19 @@ Each prompt set is split into
 - dev: every other prompt of the same file, the part to tune a seed set on.
 XSTest unsafe prompts (the pipeline's harmful set under harmful_format=xstest) are reported too, and the dev
 split of XSTest is also broken down by XSTest `type`. Rates come with 95% Wilson intervals (isara.stats.wilson).
+
+--write-dev DIR also writes the dev split as the project's eval JSONL (DIR/harmful.jsonl: HarmBench dev, DIR/safe.jsonl:
+XSTest safe dev), so a trained model can be scored on prompts the benchmark eval never uses, e.g. the SFT-seed
+baseline of a fine-tuning setting (README "Evaluation"):
+    dvc exp run -S evaluate.harmful_path=DIR/harmful.jsonl -S evaluate.safe_path=DIR/safe.jsonl -S evaluate.limit=0 \
+        -S benchmarks.dir=... baseline@sft_seed
+Keep DIR outside the repository: the prompts are the benchmarks' (their licenses), not the project's.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -78,6 +86,16 @@ def fmt_rate(hits: int, n: int) -> str:
     return f"{100 * rate:5.1f}% [{100 * lo:4.1f}, {100 * hi:5.1f}] n={n}"
 
 
+def write_dev(folder: Path, parts: dict[str, list[tuple[str, str]]]) -> None:
+    """Each dev split as {"prompt", "category"} rows, the format `evaluate.*_format: eval` reads."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for role, pairs in parts.items():
+        path = folder / f"{role}.jsonl"
+        with path.open("w", encoding="utf-8") as f:
+            f.writelines(json.dumps({"prompt": p, "category": c}) + "\n" for p, c in pairs)
+        print(f"wrote {path} ({len(pairs)} prompts)")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", type=Path, action="append", required=True, help="seed JSONL (repeatable)")
@@ -86,6 +104,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--k", type=int, nargs="+", default=[1, 3, 5])
     ap.add_argument("--limit", type=int, default=100, help="evaluate.limit of the benchmark run (eval split)")
     ap.add_argument("--no-categories", action="store_true", help="skip the per-category dev breakdown")
+    ap.add_argument("--write-dev", type=Path, metavar="DIR",
+                    help="also write the dev split as eval JSONL: DIR/harmful.jsonl (HarmBench), DIR/safe.jsonl (XSTest)")
     args = ap.parse_args(argv)
     if args.benchmarks is None:
         ap.error(f"--benchmarks or ${b.BENCHMARKS_ENV} is required")
@@ -94,6 +114,8 @@ def main(argv: list[str] | None = None) -> None:
     for name, rel, fmt, role in PROMPT_SETS:
         pairs = load_prompts(b.benchmark_path(rel, args.benchmarks), fmt, role)
         sets[name] = dict(zip(("eval", "dev"), split(pairs, args.limit)))
+    if args.write_dev:
+        write_dev(args.write_dev, {"harmful": sets["harmbench"]["dev"], "safe": sets["xstest_safe"]["dev"]})
     texts = sorted({p for parts in sets.values() for pairs in parts.values() for p, _ in pairs})
     vectors = dict(zip(texts, embed(texts, batch_size=256)))
 

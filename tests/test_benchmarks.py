@@ -262,3 +262,23 @@ def test_wrong_shared_file_for_loader():
         bm.load_truthfulqa(bm.benchmark_path(bm.HH_RLHF_HARMLESS_TEST, ROOT))
     with pytest.raises(BenchmarkFormatError, match=r"TruthfulQA\.csv: line 1: not valid JSON"):
         bm.load_self_instruct(bm.benchmark_path(bm.TRUTHFULQA, ROOT))
+
+
+@needs_shared
+def test_seed_vote_dev_split_never_holds_an_eval_prompt(tmp_path):
+    """benchmarks/seed_vote.py --write-dev: the prompts a setting is tuned on are the benchmark files minus exactly
+    the prompts the benchmark eval scores (evaluate.limit=100), written in the eval format the pipeline reads."""
+    from benchmarks.seed_vote import PROMPT_SETS, split, write_dev
+    from isara.evaluate import load_prompts, stratified
+
+    parts = {}
+    for name, rel, fmt, role in PROMPT_SETS[:2]:
+        pairs = load_prompts(bm.benchmark_path(rel, ROOT), fmt, role)
+        ev, dev = split(pairs, 100)
+        assert ev == stratified(pairs, 100) and not {p for p, _ in ev} & {p for p, _ in dev}
+        assert len(ev) + len(dev) == len(pairs)
+        parts["harmful" if name == "harmbench" else "safe"] = dev
+    write_dev(tmp_path, parts)
+    for role, dev in parts.items():
+        assert load_prompts(tmp_path / f"{role}.jsonl", "eval", role) == dev
+    assert (len(parts["harmful"]), len(parts["safe"])) == (100, 150)  # HarmBench standard 200, XSTest safe 250
