@@ -125,6 +125,7 @@ MEMORY_CONFIGS = {
     "lora": {**PLAIN, "method": "lora"},
     "lora + checkpointing": {**PLAIN, "method": "lora", "gradient_checkpointing": True},
     "lora + checkpointing + release_memory": {"method": "lora", "gradient_checkpointing": True, "release_memory": True},
+    "lora + release_memory": {"method": "lora", "gradient_checkpointing": False, "release_memory": True},
     "full, batch 4 x 2 accumulation": {**PLAIN, "batch_size": 4, "gradient_accumulation_steps": 2},
 }
 

@@ -8,9 +8,12 @@ Why a stage of its own: transformers reads a GGUF by dequantizing every tensor t
 tokenizer to a `tokenizers` one, which takes ~30 s; doing it once per base model lets fine-tuning start from an
 ordinary safetensors checkpoint.
 
-The save trap: a model loaded with `gguf_file=` carries `config.quantization_config` (quant_method "gguf") and
-refuses `save_pretrained` ("quantized with gguf"), although its weights are already plain fp32. We drop the
-quantization config, build a fresh model from the clean config, copy the state dict in and save that.
+The save trap: a model loaded with `from_pretrained(gguf_file=)` carries `config.quantization_config` (quant_method
+"gguf") and refuses `save_pretrained` ("quantized with gguf"), although its weights are already plain fp32. So we
+do not load it that way: the model is built on the meta device from the GGUF's config (no quantization config, no
+memory) and takes the tensors transformers' own GGUF reader dequantizes (load_gguf_checkpoint: the same names and
+per-architecture fixes as from_pretrained, so the same checkpoint) without a copy. One fp32 copy of the weights
+exists instead of three: Gemma 3's prepare peaked at 3.12 GiB that way, 2.5 now (issue 13's 3 GiB).
 
 The output is written atomically (isara.io.atomic_directory): everything goes to a temporary sibling directory
 that is renamed onto `out_dir` at the end, so a crash never leaves a half-written checkpoint that DVC or the next stage could take
@@ -32,30 +35,29 @@ SOURCE_FILE = "isara_source.json"  # provenance: which GGUF this checkpoint was 
 
 
 def load_gguf_as_hf(gguf_path: Path):
-    """(model, tokenizer) from a GGUF through transformers' loader; the model is fp32 and still 'gguf-quantized'."""
+    """(model, tokenizer) from a GGUF: fp32 weights dequantized by transformers' GGUF reader, saveable as is."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local file: never let a typo turn into a hub download
     gguf_path = Path(gguf_path)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    with torch.device("meta"):  # the names and shapes only: the reader's tensors become the weights
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    tensors = load_gguf_checkpoint(str(gguf_path), return_tensors=True, model_to_load=model,
+                                   torch_dtype=torch.float32)["tensors"]
+    missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
+    del tensors
+    model.tie_weights()
+    # a tied output head has no tensor of its own in the GGUF; anything else missing or left over is a bug
+    untied = [name for name in missing if model.get_parameter(name).is_meta]
+    if untied or unexpected:
+        raise ValueError(f"{gguf_path}: GGUF tensors do not match the {config.model_type} model: "
+                         f"missing {untied[:5]}, unexpected {unexpected[:5]}")
+    model.eval()
     return model, tokenizer
-
-
-def _saveable_copy(model):
-    """A model with the same fp32 weights and no quantization_config, so save_pretrained works."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    cfg = model.config
-    if hasattr(cfg, "quantization_config"):
-        delattr(cfg, "quantization_config")
-    clean = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    # strict: any name mismatch between the GGUF-loaded model and a fresh one is a bug, not something to skip
-    clean.load_state_dict(model.state_dict(), strict=True)
-    clean.eval()
-    return clean
 
 
 def prepare_base(gguf_path: Path, out_dir: Path) -> None:
@@ -67,7 +69,6 @@ def prepare_base(gguf_path: Path, out_dir: Path) -> None:
     out_dir.parent.mkdir(parents=True, exist_ok=True)
 
     model, tokenizer = load_gguf_as_hf(gguf_path)
-    model = _saveable_copy(model)
 
     with atomic_directory(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
@@ -113,9 +114,12 @@ def run_prepare(cfg) -> dict:
 
     from isara.base_models import resolve_base_model
     from isara.io import write_json
+    from isara.memory import release_freed_memory
     from isara.paths import iter_paths
 
     start = time.perf_counter()
+    # the reader's dequantization temporaries (a 262k-row embedding for Gemma 3) go back to the OS as they are freed
+    release_freed_memory()
     here = iter_paths(0)
     if cfg.hf is not None:
         prepare_hf(cfg.hf, here.hf, here.gguf, cfg.gguf_type)
