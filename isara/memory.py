@@ -16,7 +16,7 @@ def release_freed_memory() -> bool:
     steps every activation and gradient tensor comes from heap arenas, which keep freed memory resident: the
     process's peak grows by what fragmentation holds. Fixed, each tensor above 128 KiB is mapped and unmapped on its
     own (slower: page faults on every new tensor). Process-wide, hence called by the stages that train
-    (isara.finetune.run_finetune, isara.baseline's one-shot before it generates) and by prepare's, not by train().
+    (isara.finetune.run_finetune, isara.baseline's one-shot before it generates), not by train().
     """
     if not sys.platform.startswith("linux"):
         return False
