@@ -13,7 +13,7 @@ The save trap: a model loaded with `from_pretrained(gguf_file=)` carries `config
 do not load it that way: the model is built on the meta device from the GGUF's config (no quantization config, no
 memory) and takes the tensors transformers' own GGUF reader dequantizes (load_gguf_checkpoint: the same names and
 per-architecture fixes as from_pretrained, so the same checkpoint) without a copy. One fp32 copy of the weights
-exists instead of three: Gemma 3's prepare peaked at 3.12 GiB that way, 2.5 now (issue 13's 3 GiB).
+exists instead of three: Gemma 3's prepare peaked at 3.12 GiB that way, 2.58 now (issue 13's 3 GiB).
 
 The output is written atomically (isara.io.atomic_directory): everything goes to a temporary sibling directory
 that is renamed onto `out_dir` at the end, so a crash never leaves a half-written checkpoint that DVC or the next stage could take
@@ -52,7 +52,8 @@ def load_gguf_as_hf(gguf_path: Path):
     del tensors
     model.tie_weights()
     # a tied output head has no tensor of its own in the GGUF; anything else missing or left over is a bug
-    untied = [name for name in missing if model.get_parameter(name).is_meta]
+    weights = model.state_dict()
+    untied = [name for name in missing if weights[name].is_meta]
     if untied or unexpected:
         raise ValueError(f"{gguf_path}: GGUF tensors do not match the {config.model_type} model: "
                          f"missing {untied[:5]}, unexpected {unexpected[:5]}")
