@@ -19,7 +19,7 @@ split of XSTest is also broken down by XSTest `type`. Rates come with 95% Wilson
 
 --write-dev DIR also writes the dev split as the project's eval JSONL (DIR/harmful.jsonl: HarmBench dev, DIR/safe.jsonl:
 XSTest safe dev), so a trained model can be scored on prompts the benchmark eval never uses, e.g. the SFT-seed
-baseline of a fine-tuning setting (README "Evaluation"):
+baseline of a fine-tuning setting (README "Results", docs/results.md):
     dvc exp run -S evaluate.harmful_path=DIR/harmful.jsonl -S evaluate.safe_path=DIR/safe.jsonl -S evaluate.limit=0 \
         -S benchmarks.dir=... baseline@sft_seed
 Keep DIR outside the repository: the prompts are the benchmarks' (their licenses), not the project's.
