@@ -264,3 +264,24 @@ def test_gemma3_round_trip(tmp_path):
         llm.close()
     print(f"[gemma3 q8_0] {GEN_PROMPT!r} -> {text!r}")
     assert text.strip()
+
+
+def test_gguf_whose_tensors_do_not_fit_the_model_is_refused(tmp_path, monkeypatch):
+    """prepare assigns the GGUF reader's tensors to a model built from the GGUF's config: a tensor the model lacks,
+    or a weight no tensor fills (other than the tied head), must stop it with the file named, not save a half-meta
+    checkpoint. The real reader runs; one tensor is dropped from what it returns."""
+    import transformers.modeling_gguf_pytorch_utils as reader
+
+    real = reader.load_gguf_checkpoint
+
+    def without_one_norm(*args, **kwargs):
+        parsed = real(*args, **kwargs)
+        if "tensors" in parsed:  # the config and tokenizer read the same file without tensors
+            del parsed["tensors"]["model.norm.weight"]
+        return parsed
+
+    monkeypatch.setattr(reader, "load_gguf_checkpoint", without_one_norm)
+    gguf_path = base_model_path("smollm2")
+    with pytest.raises(ValueError, match=r"GGUF tensors do not match the llama model: missing \['model.norm.weight'\]"):
+        prepare_base(gguf_path, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
