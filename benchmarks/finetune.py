@@ -21,7 +21,8 @@ shared machine hits both alike; medians are printed.
 --memory: isara.finetune.train as the finetune stage runs it (the params.yaml defaults, the base's prompt format,
 DVCLive logging, the checkpoint saved and, for lora, merged) on the default run's finetune@2 shape: 128 records
 (safety_wide + safety_mixed seeds, or --dataset), batch 8, max_length 256, 2 epochs. Each configuration (full,
-full + gradient checkpointing, + release_memory (the default: glibc's mmap threshold fixed at 128 KiB), lora,
+full + gradient checkpointing, + release_memory (the default: malloc's free heap pages trimmed before each step's
+peak; the row marked "(before)" fixes glibc's mmap threshold at 128 KiB instead, the mechanism until 2026-12-01), lora,
 lora + checkpointing, full with batch 4 x 2 accumulation steps; --rows picks some) runs in a fresh child process,
 one after another, which reports its own peak resident memory (ru_maxrss: model load, training and save together,
 as the stage's process holds them) and real tokens/s of its training loop.
@@ -46,7 +47,7 @@ import torch  # noqa: E402
 
 from isara.base_models import base_model_path  # noqa: E402
 from isara.finetune import IGNORE, encode, train, train_format  # noqa: E402
-from isara.memory import release_freed_memory  # noqa: E402
+from isara.memory import release_at_peaks, release_freed_memory  # noqa: E402
 from isara.params import Finetune  # noqa: E402
 from isara.prepare import prepare_base  # noqa: E402
 from isara.records import read_records  # noqa: E402
@@ -118,6 +119,7 @@ def random_checkpoint(base: Path, size: str, out: Path) -> Path:
 # --memory rows: overrides of the params.yaml finetune defaults. release_memory is process-wide (glibc's malloc), so
 # each row runs in a fresh process, and the child applies it as the finetune stage does (run_finetune).
 PLAIN = {"gradient_checkpointing": False, "release_memory": False}
+THRESHOLD = "mmap_threshold_128k"
 MEMORY_CONFIGS = {
     "full": {**PLAIN},
     "full + checkpointing": {**PLAIN, "gradient_checkpointing": True},
@@ -126,6 +128,9 @@ MEMORY_CONFIGS = {
     "lora + checkpointing": {**PLAIN, "method": "lora", "gradient_checkpointing": True},
     "lora + checkpointing + release_memory": {"method": "lora", "gradient_checkpointing": True, "release_memory": True},
     "lora + release_memory": {"method": "lora", "gradient_checkpointing": False, "release_memory": True},
+    # release_memory's mechanism until 2026-12-01 (THRESHOLD: not a param, the child applies it)
+    "lora + checkpointing + mmap threshold 128 KiB (before)": {**PLAIN, "method": "lora", "gradient_checkpointing": True,
+                                                              THRESHOLD: True},
     "full, batch 4 x 2 accumulation": {**PLAIN, "batch_size": 4, "gradient_accumulation_steps": 2},
 }
 
@@ -135,9 +140,12 @@ def memory_child(spec: dict) -> None:
     base, out = Path(spec["base"]), Path(spec["out"])
     records = read_records(Path(spec["dataset"])) if spec["dataset"] else [
         *read_seed_file(REPO / "data/seeds/safety_wide.jsonl"), *read_seed_file(REPO / "data/seeds/safety_mixed.jsonl")]
-    cfg = Finetune(**spec["cfg"])
-    if cfg.release_memory:
+    overrides = dict(spec["cfg"])
+    if overrides.pop(THRESHOLD, False):
         release_freed_memory()
+    cfg = Finetune(**overrides)
+    if cfg.release_memory:
+        release_at_peaks()
     m = train(base, records, out / "hf", cfg, log_dir=out / "live", progress=False, fmt=train_format(base, "auto"))
     m["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
     print("RESULT " + json.dumps(m), flush=True)

@@ -90,18 +90,19 @@ def run_one_shot(generate: Generate, n_iterations: int, finetune: Finetune, expo
     then M0 fine-tuned on D0 + them."""
     from isara.embed import load_embedder
     from isara.generate import run_generate
-    from isara.memory import release_freed_memory
+    from isara.memory import release_at_peaks, trim_heap
 
     here = baseline_paths("one_shot")
     cfg = one_shot_config(generate, n_iterations)
-    # One process generates, then fine-tunes: what generation frees must leave the process before training, or this
-    # stage peaks above finetune@t (3.12 GiB vs 2.99 at the defaults, issue 13). So malloc returns freed blocks from
-    # the start (run_finetune would set it only after generation), and MiniLM, cached for the filters, is dropped.
-    if finetune.release_memory:
-        release_freed_memory()
     gen_metrics = run_generate(SEED_INDEX_ITERATION, "0", cfg, progress, out=here, engine_params=engine_params)
+    # One process generates, then fine-tunes: what generation held must leave the process before training, or this
+    # stage peaks above finetune@t (issue 13). So MiniLM, cached for the filters, is dropped and the heap's free
+    # pages go back to the OS (run_finetune then trims before every step's peak too).
     load_embedder.cache_clear()
     gc.collect()
+    if finetune.release_memory:
+        release_at_peaks()
+        trim_heap()
     ft = train_and_export("one_shot", here.dataset, finetune, export, progress, seeds, base)
     return {"accepted": gen_metrics["accepted"], "requested": cfg.n_samples,
             "dataset_size": gen_metrics["dataset_size"], "final_loss": ft["final_loss"],

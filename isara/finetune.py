@@ -5,9 +5,9 @@ and batches are grouped by length so CPU time is not spent on padding.
 Method (params finetune.method): full trains every weight; lora trains a peft LoRA adapter alone and merges it into
 the weights before the checkpoint is saved, so export (isara.gguf) and every later stage read a plain checkpoint.
 finetune.gradient_checkpointing recomputes activations in the backward pass; finetune.gradient_accumulation_steps
-sums the gradients of several micro-batches into one optimizer step; finetune.release_memory makes malloc give freed
-tensors' pages back at once; with checkpointing and fused AdamW they hold the default run's fine-tunes under 3 GiB
-(benchmarks/README.md). finetune.num_processes trains data-parallel in processes started by torchrun (launch());
+sums the gradients of several micro-batches into one optimizer step; finetune.release_memory hands malloc's free heap
+pages back to the OS before each step's memory peak (isara.memory.trim_heap); with checkpointing and fused AdamW they
+hold the default run's fine-tunes under 3 GiB (benchmarks/README.md). finetune.num_processes trains data-parallel in processes started by torchrun (launch());
 finetune.resume_every saves a state a killed fine-tune resumes from (ResumeState).
 Format (params base.format, isara.prompts.PromptFormat): the prompt (no loss), then the answer the model is taught to
 write (loss): bare "Question: <q>\nAnswer:" + " <answer><eos>", or the base's chat template's user turn + the
@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from isara.gguf import TEMPLATE_FILE
 from isara.io import atomic_directory, atomic_file, write_json, write_jsonl
-from isara.memory import release_freed_memory
+from isara.memory import release_at_peaks, trim_heap
 from isara.params import Finetune, ParamsError
 from isara.paths import IterPaths, iter_paths
 from isara.prompts import BARE, PromptFormat
@@ -162,6 +162,7 @@ def answer_loss(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         raise ParamsError(f"finetune: the LM head must be a plain linear layer without bias, not {head!r}; "
                           "leave lm_head out of finetune.lora_target_modules")
     cap = getattr(model.config, "final_logit_softcapping", None)  # Gemma-style soft cap, as the model's forward
+    trim_heap()  # the head's transients come on top of the whole forward: the step's memory peak
     return HeadLoss.apply(hidden[:, :-1][keep], head.weight, targets[keep], cap)
 
 
@@ -396,6 +397,7 @@ def _train(model_dir: Path, records: list[Record], out_dir: Path, cfg: Finetune,
     del params, named
     if rank > 0:
         return None
+    trim_heap()
     model = merged(model, cfg)
     model.eval()
     model.to("cpu")
@@ -524,7 +526,7 @@ def run_finetune(iteration: str, prev: str, cfg: Finetune, progress: bool = True
     The fine-tuned baselines (isara.baseline) train this same way: `out` names their folders (checkpoint and
     metrics, which then also record `dataset_size`; no DVCLive curves) and `dataset` the records they train on."""
     if cfg.release_memory:
-        release_freed_memory()
+        release_at_peaks()
     here = iter_paths(iteration)
     # With method lora and init previous, each round trains a fresh adapter on M(prev)'s checkpoint, in which the
     # previous round already merged its adapter: the rounds' updates add up in the weights, not in one adapter.
@@ -543,7 +545,7 @@ def worker(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     cfg = Finetune(**spec["cfg"])
     if cfg.release_memory:
-        release_freed_memory()
+        release_at_peaks()
     metrics = train(Path(spec["model_dir"]), read_records(spec["records"]), Path(spec["out_dir"]), cfg,
                     Path(spec["log_dir"]) if spec["log_dir"] else None, spec["progress"], PromptFormat(**spec["fmt"]))
     if metrics is not None:

@@ -151,8 +151,8 @@ class Finetune(Section):
         ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"), min_length=1)
     # Recompute each decoder layer's activations in the backward pass instead of keeping them: less memory, more time.
     gradient_checkpointing: bool = True
-    # Fix glibc malloc's mmap threshold (isara.finetune.release_freed_memory) so freed tensors leave the process at
-    # once: with checkpointing, finetune's peak RSS 3.66 -> 2.97 GiB at 0.71x the speed (benchmarks/README.md).
+    # Hand malloc's free heap pages back to the OS before each step's memory peak (isara.memory.trim_heap): lowers
+    # the fine-tune's peak RSS at no cost in speed (benchmarks/README.md).
     release_memory: bool = True
     # Micro-batches of batch_size per optimizer step: effective batch = batch_size x gradient_accumulation_steps;
     # max_steps, warmup and the lr schedule count optimizer steps.

@@ -374,30 +374,34 @@ def test_lora_loss_falls_and_the_merged_export_matches_llama_cpp(smol_hf, seeds,
 
 PROBE = """
 import sys, torch
-from isara.memory import release_freed_memory
+from isara.memory import release_at_peaks, release_freed_memory, trim_heap
 def rss_mib():
     return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
-if sys.argv[1] == "on":
+if sys.argv[1] == "threshold":
     assert release_freed_memory()
+if sys.argv[1] == "trim":
+    assert release_at_peaks()
 x = torch.ones(1 << 20); del x  # a 4 MiB tensor freed: glibc's dynamic mmap threshold rises past 4 MiB
 big, small = [], []
 for _ in range(64):  # 4 MiB tensors, each followed by a small one that outlives it, as activations and weights do
     big.append(torch.ones(1 << 20)); small.append(torch.ones(64 << 10))
 before = rss_mib(); del big
+trim_heap()  # a no-op unless release_at_peaks() switched it on
 print(before - rss_mib())
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc")
 def test_release_memory_returns_freed_tensors_to_the_os():
-    """finetune.release_memory (the stage calls release_freed_memory): 256 MiB of freed 4 MiB tensors leave the
-    process, where glibc's default keeps them in heap holes between live tensors. A fresh process each: the setting
-    is process-wide."""
+    """finetune.release_memory (run_finetune calls release_at_peaks, answer_loss trim_heap before the head): 256 MiB
+    of freed 4 MiB tensors leave the process, where glibc's default keeps them in heap holes between live tensors.
+    prepare's fixed mmap threshold (release_freed_memory) does the same as they are freed. A fresh process each:
+    both settings are process-wide."""
     freed = {}
-    for mode in ("off", "on"):
+    for mode in ("off", "threshold", "trim"):
         out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, cwd=REPO)
         assert out.returncode == 0, out.stderr
         freed[mode] = float(out.stdout)
     print(f"\n[release_memory] MiB returned after freeing 256 MiB: {freed}")
-    assert freed["on"] >= 250
+    assert freed["threshold"] >= 250 and freed["trim"] >= 250
     assert freed["off"] < 64  # the premise: without it the memory stays resident
