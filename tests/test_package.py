@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 
 import pytest
@@ -195,7 +194,10 @@ def ollama_prompt(template: str, messages: list[dict]) -> str:
 
 def _project(root: Path, exported: Path, *, truthfulqa: bool = True) -> Path:
     """A project folder as the pipeline leaves it before package@2: M(2), D(2) and the metrics it reports."""
-    shutil.copy(REPO / "params.yaml", root / "params.yaml")
+    # the cards below state SmolLM2's facts (the `exported` fixture's model), whatever params.yaml's default base is
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["base"]["model"] = "smollm2"
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (root / "artifacts" / "2").mkdir(parents=True)
     (root / "artifacts" / "2" / "model.gguf").symlink_to(exported)
     seeds = [json.loads(line) for line in SEEDS.read_text().splitlines()[:4]]

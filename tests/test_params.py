@@ -23,7 +23,7 @@ def write(tmp_path, text):
 def test_repo_params_file_is_valid():
     p = load_params("params.yaml")
     assert list(p.iterations) == ["1", "2"]
-    assert p.base.model == "smollm2"
+    assert p.base.model == "gemma3" and p.finetune.method == "lora"
 
 
 def test_exponent_written_by_dvc_exp_set_is_a_float(tmp_path):
