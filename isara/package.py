@@ -280,8 +280,10 @@ def model_card(info: dict[str, Any]) -> str:
             f"{gen['temperature']} / {gen['answer_temperature']}, top-p {gen['top_p']}"
             + (f" (one round of {gen['n_samples'] * p['n_iterations']} for the one-shot baseline)"
                if target == "one_shot" else ""),
-            "- fine-tuning: full fine-tune from "
-            + ("the previous model" if target.isdigit() and fin["init"] == "previous" else "the base model")
+            "- fine-tuning: "
+            + ("full fine-tune" if fin["method"] == "full" else
+               f"LoRA (r {fin['lora_r']}, alpha {fin['lora_alpha']:g}, merged into the weights)")
+            + " from " + ("the previous model" if target.isdigit() and fin["init"] == "previous" else "the base model")
             + f", lr {fin['lr']}, {fin['epochs']} epoch(s), batch {fin['batch_size']}, max {fin['max_length']} "
               f"tokens; final loss {ft.get('final_loss', NOT_MEASURED)} over {ft.get('examples', '?')} examples",
             f"- export: GGUF {p['export']['outtype']} with the base model's llama.cpp tokenizer"]

@@ -272,6 +272,7 @@ def test_model_card_front_matter_and_body(packaged):
     assert "0.180 / 0.437" in body
     assert "4 seeds, 2 generated in round 1, 1 generated in round 2" in body
     assert "near_duplicate 1, too_short 2" in body
+    assert "- fine-tuning: LoRA (r 16, alpha 32, merged into the weights) from" in body
     assert "ollama create" in body and "llama-cli" in body
 
 
