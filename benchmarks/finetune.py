@@ -119,11 +119,12 @@ def random_checkpoint(base: Path, size: str, out: Path) -> Path:
 # --memory rows: overrides of the params.yaml finetune defaults. release_memory is process-wide (glibc's malloc), so
 # each row runs in a fresh process, and the child applies it as the finetune stage does (run_finetune).
 PLAIN = {"gradient_checkpointing": False, "release_memory": False}
+FULL = {"method": "full", "lr": 5e-5}  # full fine-tuning's own lr (the default lora's 1e-3 is too high for it)
 THRESHOLD = "mmap_threshold_128k"
-MEMORY_CONFIGS = {
-    "full": {**PLAIN},
-    "full + checkpointing": {**PLAIN, "gradient_checkpointing": True},
-    "full + checkpointing + release_memory (default)": {"gradient_checkpointing": True, "release_memory": True},
+MEMORY_CONFIGS = {  # the params.yaml default: "lora + checkpointing + release_memory"
+    "full": {**PLAIN, **FULL},
+    "full + checkpointing": {**PLAIN, **FULL, "gradient_checkpointing": True},
+    "full + checkpointing + release_memory": {**FULL, "gradient_checkpointing": True, "release_memory": True},
     "lora": {**PLAIN, "method": "lora"},
     "lora + checkpointing": {**PLAIN, "method": "lora", "gradient_checkpointing": True},
     "lora + checkpointing + release_memory": {"method": "lora", "gradient_checkpointing": True, "release_memory": True},
@@ -131,7 +132,7 @@ MEMORY_CONFIGS = {
     # release_memory's mechanism until 2026-12-01 (THRESHOLD: not a param, the child applies it)
     "lora + checkpointing + mmap threshold 128 KiB (before)": {**PLAIN, "method": "lora", "gradient_checkpointing": True,
                                                               THRESHOLD: True},
-    "full, batch 4 x 2 accumulation": {**PLAIN, "batch_size": 4, "gradient_accumulation_steps": 2},
+    "full, batch 4 x 2 accumulation": {**PLAIN, **FULL, "batch_size": 4, "gradient_accumulation_steps": 2},
 }
 
 
