@@ -7,8 +7,9 @@ the weights before the checkpoint is saved, so export (isara.gguf) and every lat
 finetune.gradient_checkpointing recomputes activations in the backward pass; finetune.gradient_accumulation_steps
 sums the gradients of several micro-batches into one optimizer step; finetune.release_memory hands malloc's free heap
 pages back to the OS before each step's memory peak (isara.memory.trim_heap); with checkpointing and fused AdamW they
-hold the default run's fine-tunes under 3 GiB (benchmarks/README.md). finetune.num_processes trains data-parallel in processes started by torchrun (launch());
-finetune.resume_every saves a state a killed fine-tune resumes from (ResumeState).
+hold the default run's fine-tunes under 3 GiB (benchmarks/README.md). finetune.num_processes trains data-parallel in
+processes started by torchrun (launch()); finetune.resume_every saves a state a killed fine-tune resumes from
+(ResumeState).
 Format (params base.format, isara.prompts.PromptFormat): the prompt (no loss), then the answer the model is taught to
 write (loss): bare "Question: <q>\nAnswer:" + " <answer><eos>", or the base's chat template's user turn + the
 assistant turn it closes ("<answer><|im_end|>"), the format the exported GGUF is served and evaluated in.
