@@ -26,7 +26,7 @@ def release_freed_memory() -> bool:
     By default glibc raises the threshold to the size of each mmapped block freed (up to 32 MiB), so after the first
     allocations every tensor below that comes from heap arenas, which keep freed memory resident. Fixed, each
     allocation above 128 KiB is mapped and unmapped on its own: the lowest peak, but page faults on every new tensor
-    (a fine-tune step 1.6x slower), so only prepare, which loads once, uses it; training trims instead (trim_heap).
+    (a fine-tune step 1.8x slower), so only prepare, which loads once, uses it; training trims instead (trim_heap).
     """
     libc = _glibc()
     return libc is not None and libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
