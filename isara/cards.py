@@ -176,10 +176,9 @@ KEPT_GENERAL = ("general.architecture", "general.alignment", "general.quantizati
 
 def gguf_kv(path: Path) -> dict[str, Any]:
     """Every key/value of a GGUF file as Python values (strings, numbers, lists), header fields excluded."""
-    import gguf
+    from isara.gguf import read_metadata
 
-    reader = gguf.GGUFReader(str(path))
-    return {f.name: f.contents() for f in reader.fields.values() if not f.name.startswith("GGUF.")}
+    return read_metadata(path).kv
 
 
 def model_metadata(base_kv: Mapping[str, Any], *, facts: BaseFacts, target: str, seeds_path: Path,

@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -68,20 +69,137 @@ _FILE_TYPE = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_
 # ----------------------------------------------------------------------------------------------- templates
 
 
-def _copy_fields(reader, writer, *, skip: tuple[str, ...] = ()) -> None:
+@dataclass(frozen=True)
+class Field:
+    """One GGUF key/value: its GGUFValueType, the element type of an array (else None) and its value as
+    gguf-py's ReaderField.contents() gives it (str, Python number or bool, or a list of those)."""
+    type: int
+    sub_type: int | None
+    value: Any
+
+
+@dataclass(frozen=True)
+class Metadata:
+    """A GGUF file's key/values (in file order, header fields excluded) and tensor names."""
+    fields: dict[str, Field]
+    tensor_names: list[str]
+
+    @property
+    def kv(self) -> dict[str, Any]:
+        return {name: f.value for name, f in self.fields.items()}
+
+
+# little-endian scalar layouts by GGUFValueType (UINT8 ... FLOAT64; 7 BOOL, 8 STRING and 9 ARRAY apart)
+_SCALAR = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_STRING, _ARRAY = 8, 9
+
+
+def read_metadata(path: Path) -> Metadata:
+    """The key/values and tensor names of a GGUF file, without its tensor data.
+
+    Why not gguf.GGUFReader: it builds a numpy view for every element of every array, which for Gemma 3's
+    262,144-token vocabulary (tokens, scores, token types) took ~10 s per call, and the pipeline reads a GGUF's
+    metadata in every finetune, export, evaluate and package stage. This walks the same bytes with struct in
+    well under a second and returns the same values (tests/test_prepare_export.py compares the two). Files it
+    does not handle (big-endian, nested arrays) go to GGUFReader."""
+    import mmap
+    import struct
+
+    path = Path(path)
+    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        try:
+            return _parse_metadata(buf, struct)
+        except _Unsupported:
+            pass
+        except (struct.error, UnicodeDecodeError, IndexError) as e:
+            raise ValueError(f"{path}: not a readable GGUF file ({e})") from e
+    return _metadata_via_reader(path)
+
+
+class _Unsupported(Exception):
+    """A valid GGUF this parser leaves to gguf.GGUFReader."""
+
+
+def _parse_metadata(buf, struct) -> Metadata:
+    magic, version = struct.unpack_from("<II", buf, 0)
+    if magic != 0x46554747:  # b"GGUF"
+        raise struct.error("GGUF magic invalid")
+    if version not in (2, 3):  # big-endian files read as a huge version; v1 used 32-bit counts
+        raise _Unsupported
+    n_tensors, n_kv = struct.unpack_from("<QQ", buf, 8)
+    offs = 24
+
+    def string(offs: int) -> tuple[str, int]:
+        (n,) = struct.unpack_from("<Q", buf, offs)
+        end = offs + 8 + n
+        return buf[offs + 8:end].decode("utf-8"), end
+
+    def array(offs: int) -> tuple[int, list, int]:
+        sub, n = struct.unpack_from("<IQ", buf, offs)
+        offs += 12
+        if sub == _STRING:
+            out = []
+            for _ in range(n):
+                s, offs = string(offs)
+                out.append(s)
+            return sub, out, offs
+        if sub not in _SCALAR:
+            raise _Unsupported  # arrays of arrays
+        fmt = "<" + _SCALAR[sub]
+        size = struct.calcsize(fmt)
+        values = np.frombuffer(buf, dtype=np.dtype(fmt), count=n, offset=offs).tolist()
+        return sub, values, offs + n * size
+
+    fields: dict[str, Field] = {}
+    for _ in range(n_kv):
+        key, offs = string(offs)
+        (vtype,) = struct.unpack_from("<I", buf, offs)
+        offs += 4
+        if vtype == _STRING:
+            value, offs = string(offs)
+            fields[key] = Field(vtype, None, value)
+        elif vtype == _ARRAY:
+            sub, value, offs = array(offs)
+            fields[key] = Field(vtype, sub, value)
+        elif vtype in _SCALAR:
+            fmt = "<" + _SCALAR[vtype]
+            (value,) = struct.unpack_from(fmt, buf, offs)
+            offs += struct.calcsize(fmt)
+            fields[key] = Field(vtype, None, value)
+        else:
+            raise struct.error(f"key {key!r} has unknown value type {vtype}")
+    names = []
+    for _ in range(n_tensors):
+        name, offs = string(offs)
+        (n_dims,) = struct.unpack_from("<I", buf, offs)
+        offs += 4 + 8 * n_dims + 4 + 8  # dims, ggml type, data offset
+        names.append(name)
+    return Metadata(fields, names)
+
+
+def _metadata_via_reader(path: Path) -> Metadata:
     import gguf
 
-    for field in reader.fields.values():
-        name = field.name
-        # GGUF.* are virtual (header) fields; the writer adds general.architecture itself; alignment is the
-        # writer's choice (copying a foreign value would contradict the padding it actually writes)
-        if name.startswith("GGUF.") or name in (gguf.Keys.General.ARCHITECTURE, gguf.Keys.General.ALIGNMENT):
+    reader = gguf.GGUFReader(str(path))
+    fields = {}
+    for f in reader.fields.values():
+        if not f.name.startswith("GGUF."):
+            vtype = int(f.types[0])
+            fields[f.name] = Field(vtype, int(f.types[-1]) if vtype == _ARRAY else None, f.contents())
+    return Metadata(fields, [t.name for t in reader.tensors])
+
+
+
+def _copy_fields(meta: Metadata, writer, *, skip: tuple[str, ...] = ()) -> None:
+    import gguf
+
+    for name, field in meta.fields.items():
+        # the writer adds general.architecture itself; alignment is the writer's choice (copying a foreign value
+        # would contradict the padding it actually writes)
+        if name in (gguf.Keys.General.ARCHITECTURE, gguf.Keys.General.ALIGNMENT) or name in skip:
             continue
-        if name in skip:
-            continue
-        vtype = field.types[0]
-        sub_type = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(name, field.contents(), vtype, sub_type=sub_type)
+        sub_type = gguf.GGUFValueType(field.sub_type) if field.sub_type is not None else None
+        writer.add_key_value(name, field.value, gguf.GGUFValueType(field.type), sub_type=sub_type)
 
 
 def _add_value(writer, key: str, value) -> None:
@@ -106,12 +224,12 @@ def write_template(gguf_path: Path, out_path: Path) -> str:
     architecture."""
     import gguf
 
-    reader = gguf.GGUFReader(str(gguf_path))
-    arch = reader.get_field(gguf.Keys.General.ARCHITECTURE).contents()
+    meta = read_metadata(gguf_path)
+    arch = meta.kv[gguf.Keys.General.ARCHITECTURE]
     with atomic_file(out_path) as tmp:
         writer = gguf.GGUFWriter(tmp, arch)
-        _copy_fields(reader, writer, skip=(TENSOR_NAMES_KEY,))
-        writer.add_array(TENSOR_NAMES_KEY, [t.name for t in reader.tensors])
+        _copy_fields(meta, writer, skip=(TENSOR_NAMES_KEY,))
+        writer.add_array(TENSOR_NAMES_KEY, meta.tensor_names)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
@@ -119,13 +237,12 @@ def write_template(gguf_path: Path, out_path: Path) -> str:
     return arch
 
 
-def _template_tensor_names(reader) -> list[str]:
-    if reader.tensors:  # a full GGUF (e.g. the base model itself) works as a template too
-        return [t.name for t in reader.tensors]
-    field = reader.get_field(TENSOR_NAMES_KEY)
-    if field is None:
+def _template_tensor_names(meta: Metadata) -> list[str]:
+    if meta.tensor_names:  # a full GGUF (e.g. the base model itself) works as a template too
+        return meta.tensor_names
+    if TENSOR_NAMES_KEY not in meta.fields:
         raise ValueError(f"GGUF template has neither tensors nor {TENSOR_NAMES_KEY!r}")
-    return list(field.contents())
+    return list(meta.fields[TENSOR_NAMES_KEY].value)
 
 
 # ----------------------------------------------------------------------------------------------- HF -> GGUF
@@ -250,11 +367,11 @@ def export_gguf(hf_dir: Path, out_path: Path, outtype: str = "q8_0", template: P
         )
     cfg = json.loads((hf_dir / "config.json").read_text())
 
-    reader = gguf.GGUFReader(str(template))  # parses every tokenizer entry: 22 s for Gemma 3's 262k, so only once
-    arch = reader.get_field(gguf.Keys.General.ARCHITECTURE).contents()
+    meta = read_metadata(template)
+    arch = meta.kv[gguf.Keys.General.ARCHITECTURE]
     transform = check_exportable(arch, cfg, template)
-    expected = _template_tensor_names(reader)
-    n_vocab = len(reader.get_field(gguf.Keys.Tokenizer.LIST).data)
+    expected = _template_tensor_names(meta)
+    n_vocab = len(meta.kv[gguf.Keys.Tokenizer.LIST])
     arch_enum = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
     name_map = gguf.get_tensor_name_map(arch_enum, cfg["num_hidden_layers"])
     tied = cfg.get("tie_word_embeddings", False)
@@ -280,7 +397,7 @@ def export_gguf(hf_dir: Path, out_path: Path, outtype: str = "q8_0", template: P
     with atomic_file(out_path) as tmp:
         writer = gguf.GGUFWriter(tmp, arch)
         metadata = dict(metadata or {})
-        _copy_fields(reader, writer, skip=(TENSOR_NAMES_KEY, gguf.Keys.General.FILE_TYPE, *metadata))
+        _copy_fields(meta, writer, skip=(TENSOR_NAMES_KEY, gguf.Keys.General.FILE_TYPE, *metadata))
         writer.add_file_type(int(getattr(gguf.LlamaFileType, _FILE_TYPE[outtype])))
         for key, value in metadata.items():
             if value is not None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 from isara.gguf import TEMPLATE_FILE, write_template
@@ -32,6 +33,27 @@ from isara.io import atomic_directory, atomic_file
 from isara.records import file_sha256
 
 SOURCE_FILE = "isara_source.json"  # provenance: which GGUF this checkpoint was dequantized from
+
+
+@contextmanager
+def _one_gguf_reader(gguf_path: Path):
+    """Let transformers' GGUF loader parse `gguf_path` once instead of three times (tokenizer, config, tensors:
+    each call builds its own gguf.GGUFReader, ~10 s for Gemma 3's 262k-token vocabulary). The reader only maps
+    the file read-only, so one instance serves all three; the loader imports the class at call time, which is
+    what lets this swap it for the length of the block."""
+    import gguf
+
+    cls = gguf.GGUFReader
+    reader = cls(str(gguf_path))
+
+    def reuse(path, *args, **kwargs):
+        return reader if not args and not kwargs and Path(path) == gguf_path else cls(path, *args, **kwargs)
+
+    gguf.GGUFReader = reuse
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = cls
 
 
 def load_gguf_as_hf(gguf_path: Path):
@@ -42,12 +64,13 @@ def load_gguf_as_hf(gguf_path: Path):
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local file: never let a typo turn into a hub download
     gguf_path = Path(gguf_path)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-    config = AutoConfig.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-    with torch.device("meta"):  # the names and shapes only: the reader's tensors become the weights
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    tensors = load_gguf_checkpoint(str(gguf_path), return_tensors=True, model_to_load=model,
-                                   torch_dtype=torch.float32)["tensors"]
+    with _one_gguf_reader(gguf_path):
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        config = AutoConfig.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        with torch.device("meta"):  # the names and shapes only: the reader's tensors become the weights
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        tensors = load_gguf_checkpoint(str(gguf_path), return_tensors=True, model_to_load=model,
+                                       torch_dtype=torch.float32)["tensors"]
     missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
     del tensors
     model.tie_weights()
