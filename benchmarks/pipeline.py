@@ -72,7 +72,9 @@ def repro(cwd: Path) -> tuple[list[tuple[str, float, float]], str]:
         try:
             line = lines.get(timeout=0.25)
             out.append(line)
-            if m := re.match(r"Running stage '([^']+)'", line):
+            # search, not match: when a stage's last output lacks a newline, dvc's next line continues it (the
+            # 2026-12-01 13:02 run missed truthfulqa@2 and truthfulqa_base, timing them into truthfulqa@1)
+            if m := re.search(r"Running stage '([^']+)'", line):
                 now = time.perf_counter()
                 close(now)
                 current = [m.group(1), now, 0.0]

@@ -44,10 +44,11 @@ def _one_gguf_reader(gguf_path: Path):
     import gguf
 
     cls = gguf.GGUFReader
-    reader = cls(str(gguf_path))
+    target = gguf_path.resolve()  # the tokenizer and config calls pass the path transformers resolved
+    reader = cls(str(target))
 
     def reuse(path, *args, **kwargs):
-        return reader if not args and not kwargs and Path(path) == gguf_path else cls(path, *args, **kwargs)
+        return reader if not args and not kwargs and Path(path).resolve() == target else cls(path, *args, **kwargs)
 
     gguf.GGUFReader = reuse
     try:

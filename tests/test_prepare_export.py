@@ -123,10 +123,26 @@ def smol_gguf() -> Path:
 
 
 @pytest.fixture(scope="module")
-def smol_dir(tmp_path_factory, smol_gguf) -> Path:
+def smol_prepared(tmp_path_factory, smol_gguf) -> tuple[Path, list]:
+    """prepare's output, and the paths gguf.GGUFReader was constructed for while it ran."""
     out = tmp_path_factory.mktemp("prepare") / "smollm2"
-    _timed("prepare smollm2", prepare_base, smol_gguf, out)
-    return out
+    opened = []
+
+    class CountingReader(gguf.GGUFReader):
+        def __init__(self, path, *args, **kwargs):
+            opened.append(path)
+            super().__init__(path, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gguf, "GGUFReader", CountingReader)
+        mp.chdir(smol_gguf.parent)  # a relative path, as the prepare stage passes artifacts/0/model.gguf
+        _timed("prepare smollm2", prepare_base, Path(smol_gguf.name), out)
+    return out, opened
+
+
+@pytest.fixture(scope="module")
+def smol_dir(smol_prepared) -> Path:
+    return smol_prepared[0]
 
 
 @pytest.fixture(scope="module")
@@ -157,6 +173,12 @@ def test_prepared_checkpoint_is_plain_hf(smol_dir):
     assert getattr(model.config, "quantization_config", None) is None
     assert next(model.parameters()).dtype == torch.float32
     assert json.loads((smol_dir / "isara_source.json").read_text())["gguf_file"] == "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def test_prepare_parses_the_gguf_once(smol_prepared):
+    # transformers' loader would build a reader for the tokenizer, the config and the tensors (~10 s each for
+    # Gemma 3's vocabulary); the template copy reads the metadata without one (isara.gguf.read_metadata)
+    assert len(smol_prepared[1]) == 1, smol_prepared[1]
 
 
 def test_prepare_failure_leaves_no_output(tmp_path):
