@@ -100,7 +100,7 @@ def read_metadata(path: Path) -> Metadata:
     Why not gguf.GGUFReader: it builds a numpy view for every element of every array, which for Gemma 3's
     262,144-token vocabulary (tokens, scores, token types) took ~10 s per call, and the pipeline reads a GGUF's
     metadata in every finetune, export, evaluate and package stage. This walks the same bytes with struct in
-    well under a second and returns the same values (tests/test_prepare_export.py compares the two). Files it
+    well under a second and returns the same values (tests/test_gguf_metadata.py compares the two). Files it
     does not handle (big-endian, nested arrays) go to GGUFReader."""
     import mmap
     import struct
@@ -187,7 +187,6 @@ def _metadata_via_reader(path: Path) -> Metadata:
             vtype = int(f.types[0])
             fields[f.name] = Field(vtype, int(f.types[-1]) if vtype == _ARRAY else None, f.contents())
     return Metadata(fields, [t.name for t in reader.tensors])
-
 
 
 def _copy_fields(meta: Metadata, writer, *, skip: tuple[str, ...] = ()) -> None:
