@@ -121,6 +121,7 @@ def random_checkpoint(base: Path, size: str, out: Path) -> Path:
 PLAIN = {"gradient_checkpointing": False, "release_memory": False}
 FULL = {"method": "full", "lr": 5e-5}  # full fine-tuning's own lr (the default lora's 1e-3 is too high for it)
 THRESHOLD = "mmap_threshold_128k"
+UNCHECKPOINTED = "uncheckpointed_last_layers"
 MEMORY_CONFIGS = {  # the params.yaml default: "lora + checkpointing + release_memory"
     "full": {**PLAIN, **FULL},
     "full + checkpointing": {**PLAIN, **FULL, "gradient_checkpointing": True},
@@ -133,6 +134,10 @@ MEMORY_CONFIGS = {  # the params.yaml default: "lora + checkpointing + release_m
     "lora + checkpointing + mmap threshold 128 KiB (before)": {**PLAIN, "method": "lora", "gradient_checkpointing": True,
                                                               THRESHOLD: True},
     "full, batch 4 x 2 accumulation": {**PLAIN, **FULL, "batch_size": 4, "gradient_accumulation_steps": 2},
+    # checkpointing switched back off in the last k decoder layers (UNCHECKPOINTED: not a param, the child applies
+    # it): how much speed each layer's kept activations buy, and what they cost, between the two rows above
+    **{f"lora + checkpointing except the last {k} layers + release_memory":
+       {"method": "lora", "gradient_checkpointing": True, "release_memory": True, UNCHECKPOINTED: k} for k in (4, 6, 9)},
 }
 
 
@@ -144,9 +149,24 @@ def memory_child(spec: dict) -> None:
     overrides = dict(spec["cfg"])
     if overrides.pop(THRESHOLD, False):
         release_freed_memory()
+    uncheckpointed = overrides.pop(UNCHECKPOINTED, 0)
     cfg = Finetune(**overrides)
     if cfg.release_memory:
         release_at_peaks()
+    if uncheckpointed:
+        import isara.finetune as finetune
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        enable = finetune.prepare_model
+
+        def prepare_model(model, cfg):
+            out = enable(model, cfg)
+            layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+            for layer in layers[-uncheckpointed:]:
+                layer.gradient_checkpointing = False
+            return out
+
+        finetune.prepare_model = prepare_model
     m = train(base, records, out / "hf", cfg, log_dir=out / "live", progress=False, fmt=train_format(base, "auto"))
     m["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
     print("RESULT " + json.dumps(m), flush=True)
