@@ -50,6 +50,8 @@ Tensor types follow llama.cpp's converter: 1-D tensors (norms, biases) stay F32;
 from __future__ import annotations
 
 import json
+import mmap
+import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,13 +104,10 @@ def read_metadata(path: Path) -> Metadata:
     metadata in every finetune, export, evaluate and package stage. This walks the same bytes with struct in
     well under a second and returns the same values (tests/test_gguf_metadata.py compares the two). Files it
     does not handle (big-endian, nested arrays) go to GGUFReader."""
-    import mmap
-    import struct
-
     path = Path(path)
     with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
         try:
-            return _parse_metadata(buf, struct)
+            return _parse_metadata(buf)
         except _Unsupported:
             pass
         except (struct.error, UnicodeDecodeError, IndexError) as e:
@@ -120,7 +119,7 @@ class _Unsupported(Exception):
     """A valid GGUF this parser leaves to gguf.GGUFReader."""
 
 
-def _parse_metadata(buf, struct) -> Metadata:
+def _parse_metadata(buf) -> Metadata:
     magic, version = struct.unpack_from("<II", buf, 0)
     if magic != 0x46554747:  # b"GGUF"
         raise struct.error("GGUF magic invalid")
