@@ -105,6 +105,8 @@ def read_metadata(path: Path) -> Metadata:
     well under a second and returns the same values (tests/test_gguf_metadata.py compares the two). Files it
     does not handle (big-endian, nested arrays) go to GGUFReader."""
     path = Path(path)
+    if path.stat().st_size == 0:  # mmap refuses an empty file with a message that does not name it
+        raise ValueError(f"{path}: not a readable GGUF file (empty)")
     with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
         try:
             return _parse_metadata(buf)

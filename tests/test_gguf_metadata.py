@@ -53,3 +53,6 @@ def test_not_a_gguf_names_the_file(tmp_path):
     bad.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\x00" * 4)  # truncated after the version
     with pytest.raises(ValueError, match="model.gguf: not a readable GGUF"):
         read_metadata(bad)
+    bad.write_bytes(b"")
+    with pytest.raises(ValueError, match="model.gguf: not a readable GGUF file \\(empty\\)"):
+        read_metadata(bad)
