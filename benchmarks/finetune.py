@@ -31,8 +31,10 @@ as the stage's process holds them) and real tokens/s of its training loop.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -121,8 +123,7 @@ def random_checkpoint(base: Path, size: str, out: Path) -> Path:
 PLAIN = {"gradient_checkpointing": False, "release_memory": False}
 FULL = {"method": "full", "lr": 5e-5}  # full fine-tuning's own lr (the default lora's 1e-3 is too high for it)
 THRESHOLD = "mmap_threshold_128k"
-UNCHECKPOINTED = "uncheckpointed_last_layers"
-MEMORY_CONFIGS = {  # the params.yaml default: "lora + checkpointing + release_memory"
+MEMORY_CONFIGS = {  # the params.yaml default: "lora + checkpointing except the last 5 layers + release_memory"
     "full": {**PLAIN, **FULL},
     "full + checkpointing": {**PLAIN, **FULL, "gradient_checkpointing": True},
     "full + checkpointing + release_memory": {**FULL, "gradient_checkpointing": True, "release_memory": True},
@@ -134,10 +135,11 @@ MEMORY_CONFIGS = {  # the params.yaml default: "lora + checkpointing + release_m
     "lora + checkpointing + mmap threshold 128 KiB (before)": {**PLAIN, "method": "lora", "gradient_checkpointing": True,
                                                               THRESHOLD: True},
     "full, batch 4 x 2 accumulation": {**PLAIN, **FULL, "batch_size": 4, "gradient_accumulation_steps": 2},
-    # checkpointing switched back off in the last k decoder layers (UNCHECKPOINTED: not a param, the child applies
-    # it): how much speed each layer's kept activations buy, and what they cost, between the two rows above
+    # finetune.uncheckpointed_layers: how much speed each layer's kept activations buy, and what they cost,
+    # between the all-checkpointed and the uncheckpointed rows
     **{f"lora + checkpointing except the last {k} layers + release_memory":
-       {"method": "lora", "gradient_checkpointing": True, "release_memory": True, UNCHECKPOINTED: k} for k in (4, 6, 9)},
+       {"method": "lora", "gradient_checkpointing": True, "release_memory": True, "uncheckpointed_layers": k}
+       for k in (5, 9, 12)},
 }
 
 
@@ -149,26 +151,13 @@ def memory_child(spec: dict) -> None:
     overrides = dict(spec["cfg"])
     if overrides.pop(THRESHOLD, False):
         release_freed_memory()
-    uncheckpointed = overrides.pop(UNCHECKPOINTED, 0)
     cfg = Finetune(**overrides)
     if cfg.release_memory:
         release_at_peaks()
-    if uncheckpointed:
-        import isara.finetune as finetune
-        from transformers.modeling_layers import GradientCheckpointingLayer
-
-        enable = finetune.prepare_model
-
-        def prepare_model(model, cfg):
-            out = enable(model, cfg)
-            layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
-            for layer in layers[-uncheckpointed:]:
-                layer.gradient_checkpointing = False
-            return out
-
-        finetune.prepare_model = prepare_model
     m = train(base, records, out / "hf", cfg, log_dir=out / "live", progress=False, fmt=train_format(base, "auto"))
     m["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+    # rows that should train the same weights (checkpointing changes what is kept, not what is computed) show it
+    m["weights_md5"] = hashlib.md5((out / "hf/model.safetensors").read_bytes()).hexdigest()[:12]
     print("RESULT " + json.dumps(m), flush=True)
 
 
@@ -176,32 +165,41 @@ def memory_table(args, work: Path, base: Path) -> None:
     from isara.params import load_params
 
     defaults = load_params(REPO / "params.yaml").finetune.model_dump()
-    defaults.update(n_threads=args.threads, epochs=args.epochs)
-    rows = {}
+    # rows name their checkpointed layers: "checkpointing" alone means all of them
+    defaults.update(n_threads=args.threads, epochs=args.epochs, uncheckpointed_layers=0)
     configs = {name: o for name, o in MEMORY_CONFIGS.items() if not args.rows or name in args.rows}
-    for name, overrides in configs.items():
-        spec = {"base": str(base), "out": str(work / f"mem{len(rows)}"),
-                "dataset": str(args.dataset) if args.dataset else None, "cfg": {**defaults, **overrides}}
-        t = time.perf_counter()
-        child = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True)
-        if child.returncode != 0:
-            sys.exit(f"{name}: child failed ({child.returncode}):\n{child.stderr[-3000:]}")
-        line = next(x for x in child.stdout.splitlines() if x.startswith("RESULT "))
-        rows[name] = json.loads(line[len("RESULT "):])
-        m = rows[name]
-        print(f"  {name}: {m['peak_rss_gib']:.2f} GiB, {m['tokens_per_second']:.1f} tok/s, "
-              f"{time.perf_counter() - t:.0f} s with load and save", flush=True)
-    first = next(iter(rows.values()))
+    runs: dict[str, list[dict]] = {name: [] for name in configs}
+    # rounds alternate the rows (a, b, a, b) so drift in a shared machine's speed hits every row alike
+    for r in range(args.repeats):
+        for name, overrides in configs.items():
+            spec = {"base": str(base), "out": str(work / f"mem{r}-{len(runs[name])}-{list(configs).index(name)}"),
+                    "dataset": str(args.dataset) if args.dataset else None, "cfg": {**defaults, **overrides}}
+            t = time.perf_counter()
+            child = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True,
+                                   text=True)
+            if child.returncode != 0:
+                sys.exit(f"{name}: child failed ({child.returncode}):\n{child.stderr[-3000:]}")
+            line = next(x for x in child.stdout.splitlines() if x.startswith("RESULT "))
+            m = json.loads(line[len("RESULT "):])
+            runs[name].append(m)
+            shutil.rmtree(spec["out"], ignore_errors=True)
+            print(f"  {name}: {m['peak_rss_gib']:.2f} GiB, {m['tokens_per_second']:.1f} tok/s, "
+                  f"{time.perf_counter() - t:.0f} s with load and save", flush=True)
+    first = next(iter(runs.values()))[0]
     print(f"\nfine-tuning {base}, {first['examples']} examples, {first['format']} format, batch "
           f"{defaults['batch_size']}, max_length {defaults['max_length']}, {args.epochs} epochs "
-          f"({first['steps']} optimizer steps), {first['precision']}, {args.threads} threads, one process per row")
-    full = rows.get("full", first)
-    print(f"{'configuration':<48} {'trainable':>11} {'real tok/s':>10} {'vs full':>8} {'train s':>8} "
-          f"{'peak RSS GiB':>12} {'final loss':>10}")
-    for name, m in rows.items():
-        print(f"{name:<48} {m['trainable_parameters']:>11,} {m['tokens_per_second']:>10.1f} "
-              f"{m['tokens_per_second'] / full['tokens_per_second']:>7.2f}x {m['seconds']:>8.1f} "
-              f"{m['peak_rss_gib']:>12.2f} {m['final_loss']:>10.4f}")
+          f"({first['steps']} optimizer steps), {first['precision']}, {args.threads} threads, one process per run, "
+          f"{args.repeats} runs per row (median tok/s, the runs' range, the largest peak)")
+    speed = {name: statistics.median(m["tokens_per_second"] for m in ms) for name, ms in runs.items()}
+    reference = speed[next(iter(runs))]
+    print(f"{'configuration':<62} {'trainable':>11} {'real tok/s':>10} {'range':>13} {'vs first':>8} "
+          f"{'peak RSS GiB':>12} {'final loss':>10} {'weights md5':>12}")
+    for name, ms in runs.items():
+        rates = [m["tokens_per_second"] for m in ms]
+        print(f"{name:<62} {ms[0]['trainable_parameters']:>11,} {speed[name]:>10.1f} "
+              f"{min(rates):>6.1f}-{max(rates):<6.1f} {speed[name] / reference:>7.2f}x "
+              f"{max(m['peak_rss_gib'] for m in ms):>12.2f} {ms[0]['final_loss']:>10.4f} "
+              f"{'/'.join(sorted({m['weights_md5'] for m in ms})):>12}")
 
 
 def main() -> None:

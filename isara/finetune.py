@@ -231,6 +231,14 @@ def prepare_model(model, cfg: Finetune):
         # non-reentrant torch checkpointing per decoder layer (transformers' default): only each layer's input is
         # kept, the layer runs again in the backward pass
         model.activation_checkpointing_enable()
+        if cfg.uncheckpointed_layers:
+            # transformers checks each decoder layer's own flag at call time. The last layers are the first the
+            # backward pass reaches, so their kept activations are freed first.
+            from transformers.modeling_layers import GradientCheckpointingLayer
+
+            layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+            for layer in layers[max(len(layers) - cfg.uncheckpointed_layers, 0):]:
+                layer.gradient_checkpointing = False
     if cfg.method == "full":
         return model, model
     from peft import get_peft_model
@@ -423,13 +431,14 @@ def _train(model_dir: Path, records: list[Record], out_dir: Path, cfg: Finetune,
         "method": cfg.method,
         "trainable_parameters": trainable,
         "gradient_checkpointing": cfg.gradient_checkpointing,
+        "uncheckpointed_layers": cfg.uncheckpointed_layers if cfg.gradient_checkpointing else None,
         "gradient_accumulation_steps": accumulation,
         "resumed_from_step": first_step,
     }
 
 
 # Params that change how a fine-tune runs, not what it computes: a resume may change them.
-RUN_ONLY = ("n_threads", "release_memory", "resume_every", "num_processes")
+RUN_ONLY = ("n_threads", "release_memory", "resume_every", "num_processes", "uncheckpointed_layers")
 
 
 def fingerprint(model_dir: Path, examples, cfg: Finetune, fmt: PromptFormat) -> str:

@@ -151,6 +151,10 @@ class Finetune(Section):
         ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"), min_length=1)
     # Recompute each decoder layer's activations in the backward pass instead of keeping them: less memory, more time.
     gradient_checkpointing: bool = True
+    # With gradient_checkpointing: the last this many decoder layers keep their activations instead (no recompute).
+    # Each costs one layer's activations of memory and saves one layer's second forward pass; the trained weights
+    # are the same either way (benchmarks/README.md "Checkpointing only some layers").
+    uncheckpointed_layers: int = Field(0, ge=0)
     # Hand malloc's free heap pages back to the OS before each step's memory peak (isara.memory.trim_heap): lowers
     # the fine-tune's peak RSS at no cost in speed (benchmarks/README.md).
     release_memory: bool = True

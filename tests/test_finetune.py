@@ -15,8 +15,9 @@ from conftest import REPO, SEEDS
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from isara.base_models import base_model_path
-from isara.finetune import (IGNORE, LOSS_CHUNK, HeadLoss, ResumeState, accumulate_gradients, answer_loss, collate,
-                            encode, length_grouped_batches, merged, prepare_model, resolve_device, trained_tokens, train)
+from isara.finetune import (IGNORE, LOSS_CHUNK, HeadLoss, ResumeState, accumulate_gradients, answer_loss,
+                            collate, encode, length_grouped_batches, merged, prepare_model, resolve_device,
+                            trained_tokens, train)
 from isara.gguf import export_gguf
 from isara.params import Finetune, ParamsError
 from isara.prepare import prepare_base
@@ -292,6 +293,31 @@ def test_gradient_checkpointing_keeps_loss_and_gradients(smol_hf, seeds):
     assert abs(ckpt_loss - loss) < 1e-5
     assert err < 1e-5
     assert ckpt_kept < kept / 4  # the decoder layers' activations were not kept: checkpointing was on
+
+
+def test_uncheckpointed_layers_keep_the_last_layers_activations(smol_hf, seeds):
+    """finetune.uncheckpointed_layers: the last n decoder layers run without checkpointing (their activations are
+    kept, so more bytes are saved for the backward pass), the others still recompute, and the gradients are the
+    all-checkpointed ones. n above the model's 30 layers means all of them."""
+    torch.set_num_threads(2)
+    tok = AutoTokenizer.from_pretrained(smol_hf)
+    inputs = collate(encode(seeds[:4], tok, 96), [0, 1, 2, 3], tok.eos_token_id)
+    kept, grads = {}, {}
+    for n in (0, 10, 99):
+        cfg = Finetune(method="lora", lora_r=4, uncheckpointed_layers=n)
+        torch.manual_seed(0)  # the same adapter initialisation each time
+        model, core = prepare_model(AutoModelForCausalLM.from_pretrained(smol_hf, dtype=torch.float32), cfg)
+        model.train()
+        off = min(n, 30)
+        assert [layer.gradient_checkpointing for layer in core.model.layers] == [True] * (30 - off) + [False] * off
+        _, kept[n] = _saved_bytes(core, inputs)
+        grads[n] = _grads(model)
+    print(f"\n[uncheckpointed layers] saved for backward: 0 -> {kept[0] / 2**20:.1f} MiB, 10 -> "
+          f"{kept[10] / 2**20:.1f} MiB, all 30 -> {kept[99] / 2**20:.1f} MiB")
+    assert kept[0] < kept[10] < kept[99]
+    # each layer's activations are the same size: 10 of 30 layers keep about a third of the difference
+    assert kept[10] - kept[0] == pytest.approx((kept[99] - kept[0]) / 3, rel=0.1)
+    assert _relative_error(grads[10], grads[0]) < 1e-6 and _relative_error(grads[99], grads[0]) < 1e-6
 
 
 # --------------------------------------------------------------------------------------------------- LoRA

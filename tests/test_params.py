@@ -40,6 +40,7 @@ def test_exponent_written_by_dvc_exp_set_is_a_float(tmp_path):
     ("finetune: {method: qlora}", "finetune.method = 'qlora'"),
     ("finetune: {gradient_accumulation_steps: 0}", "finetune.gradient_accumulation_steps = 0"),
     ("finetune: {gradient_checkpointing: sometimes}", "finetune.gradient_checkpointing = 'sometimes'"),
+    ("finetune: {uncheckpointed_layers: -2}", "finetune.uncheckpointed_layers = -2"),
     ("finetune: {lora_r: 0}", "finetune.lora_r = 0"),
     ("finetune: {lora_target_modules: []}", "finetune.lora_target_modules = []"),
     ("finetune: {lora_target_modules: ['q proj']}", "finetune.lora_target_modules"),
