@@ -23,9 +23,10 @@ DVCLive logging, the checkpoint saved and, for lora, merged) on the default run'
 (safety_wide + safety_mixed seeds, or --dataset), batch 8, max_length 256, 2 epochs. Each configuration (full,
 full + gradient checkpointing, + release_memory (the default: malloc's free heap pages trimmed before each step's
 peak; the row marked "(before)" fixes glibc's mmap threshold at 128 KiB instead, the mechanism until 2026-12-01), lora,
-lora + checkpointing, full with batch 4 x 2 accumulation steps; --rows picks some) runs in a fresh child process,
-one after another, which reports its own peak resident memory (ru_maxrss: model load, training and save together,
-as the stage's process holds them) and real tokens/s of its training loop.
+lora + checkpointing, lora with the last k decoder layers uncheckpointed (finetune.uncheckpointed_layers), full
+with batch 4 x 2 accumulation steps; --rows picks some) runs in a fresh child process, --repeats times in
+alternating rounds, and reports its own peak resident memory (ru_maxrss: model load, training and save together,
+as the stage's process holds them), real tokens/s of its training loop and the md5 of the weights it saved.
 """
 
 from __future__ import annotations
