@@ -172,8 +172,8 @@ def memory_table(args, work: Path, base: Path) -> None:
     runs: dict[str, list[dict]] = {name: [] for name in configs}
     # rounds alternate the rows (a, b, a, b) so drift in a shared machine's speed hits every row alike
     for r in range(args.repeats):
-        for name, overrides in configs.items():
-            spec = {"base": str(base), "out": str(work / f"mem{r}-{len(runs[name])}-{list(configs).index(name)}"),
+        for i, (name, overrides) in enumerate(configs.items()):
+            spec = {"base": str(base), "out": str(work / f"mem{r}-{i}"),
                     "dataset": str(args.dataset) if args.dataset else None, "cfg": {**defaults, **overrides}}
             t = time.perf_counter()
             child = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True,

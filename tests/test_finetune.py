@@ -15,9 +15,8 @@ from conftest import REPO, SEEDS
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from isara.base_models import base_model_path
-from isara.finetune import (IGNORE, LOSS_CHUNK, HeadLoss, ResumeState, accumulate_gradients, answer_loss,
-                            collate, encode, length_grouped_batches, merged, prepare_model, resolve_device,
-                            trained_tokens, train)
+from isara.finetune import (IGNORE, LOSS_CHUNK, HeadLoss, ResumeState, accumulate_gradients, answer_loss, collate,
+                            encode, length_grouped_batches, merged, prepare_model, resolve_device, trained_tokens, train)
 from isara.gguf import export_gguf
 from isara.params import Finetune, ParamsError
 from isara.prepare import prepare_base
