@@ -26,13 +26,12 @@ peak; the row marked "(before)" fixes glibc's mmap threshold at 128 KiB instead,
 lora + checkpointing, lora with the last k decoder layers uncheckpointed (finetune.uncheckpointed_layers), full
 with batch 4 x 2 accumulation steps; --rows picks some) runs in a fresh child process, --repeats times in
 alternating rounds, and reports its own peak resident memory (ru_maxrss: model load, training and save together,
-as the stage's process holds them), real tokens/s of its training loop and the md5 of the weights it saved.
+as the stage's process holds them), real tokens/s of its training loop and the sha256 of the weights it saved.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import resource
 import shutil
@@ -53,7 +52,7 @@ from isara.finetune import IGNORE, encode, train, train_format  # noqa: E402
 from isara.memory import release_at_peaks, release_freed_memory  # noqa: E402
 from isara.params import Finetune  # noqa: E402
 from isara.prepare import prepare_base  # noqa: E402
-from isara.records import read_records  # noqa: E402
+from isara.records import file_sha256, read_records  # noqa: E402
 from isara.seeds import read_seed_file  # noqa: E402
 
 
@@ -158,7 +157,7 @@ def memory_child(spec: dict) -> None:
     m = train(base, records, out / "hf", cfg, log_dir=out / "live", progress=False, fmt=train_format(base, "auto"))
     m["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
     # rows that should train the same weights (checkpointing changes what is kept, not what is computed) show it
-    m["weights_md5"] = hashlib.md5((out / "hf/model.safetensors").read_bytes()).hexdigest()[:12]
+    m["weights_sha256"] = file_sha256(out / "hf/model.safetensors")[:12]
     print("RESULT " + json.dumps(m), flush=True)
 
 
@@ -194,13 +193,13 @@ def memory_table(args, work: Path, base: Path) -> None:
     speed = {name: statistics.median(m["tokens_per_second"] for m in ms) for name, ms in runs.items()}
     reference = speed[next(iter(runs))]
     print(f"{'configuration':<62} {'trainable':>11} {'real tok/s':>10} {'range':>13} {'vs first':>8} "
-          f"{'peak RSS GiB':>12} {'final loss':>10} {'weights md5':>12}")
+          f"{'peak RSS GiB':>12} {'final loss':>10} {'weights sha256':>14}")
     for name, ms in runs.items():
         rates = [m["tokens_per_second"] for m in ms]
         print(f"{name:<62} {ms[0]['trainable_parameters']:>11,} {speed[name]:>10.1f} "
               f"{min(rates):>6.1f}-{max(rates):<6.1f} {speed[name] / reference:>7.2f}x "
               f"{max(m['peak_rss_gib'] for m in ms):>12.2f} {ms[0]['final_loss']:>10.4f} "
-              f"{'/'.join(sorted({m['weights_md5'] for m in ms})):>12}")
+              f"{'/'.join(sorted({m['weights_sha256'] for m in ms})):>14}")
 
 
 def main() -> None:
