@@ -106,34 +106,50 @@ class HeadLoss(torch.autograd.Function):
     linear cross-entropy, in plain torch). Autograd would keep every row's logits, their softmax and, with the
     soft cap, its tanh alive until the backward pass: for Gemma 3's 262k vocabulary that is 1 GiB of fp32 per
     1,000 trained positions per tensor, the largest part of its fine-tune's peak memory; here one chunk's exist.
-    The matmuls run under the caller's autocast as the head's own forward and backward would."""
+    The matmuls run in the caller's autocast dtype, their operands rounded as autocast would round them."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, cap):
-        n = hidden.shape[0]
+        n, vocab = hidden.shape[0], weight.shape[0]
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None  # LoRA: the head is frozen
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         device = hidden.device.type
-        if torch.is_autocast_enabled(device):  # cast the head once, not in every chunk's two matmuls
-            weight = weight.to(torch.get_autocast_dtype(device))
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+        # Cast once what autocast would cast in every chunk's matmuls. Each chunk's tensors (64 MiB of fp32 a
+        # tensor for Gemma 3) go into buffers made once: a fresh one per chunk page-faulted all of its memory in
+        # again after trim_heap, which cost a Gemma 3 step more time than the softmax itself.
+        weight, low_hidden = weight.to(dtype), hidden.to(dtype)
+        buffer = lambda dt: torch.empty((min(n, LOSS_CHUNK), vocab), dtype=dt, device=hidden.device)  # noqa: E731
+        low = buffer(dtype)  # the matmuls' side: the logits as they come out, the gradient as it goes in
+        full = low if dtype == torch.float32 else buffer(torch.float32)
+        shifted, squashed = buffer(torch.float32), buffer(torch.float32) if cap else None
         for start in range(0, n, LOSS_CHUNK):
-            h, t = hidden[start:start + LOSS_CHUNK], targets[start:start + LOSS_CHUNK]
-            logits = (h @ weight.t()).float()
+            h, t = low_hidden[start:start + LOSS_CHUNK], targets[start:start + LOSS_CHUNK]
+            rows = len(t)
+            logits = full[:rows]
+            torch.mm(h, weight.t(), out=low[:rows])
+            if logits is not low:
+                logits.copy_(low[:rows])
             if cap:
-                squashed = torch.tanh(logits / cap)
-                logits = squashed * cap
-            lse = torch.logsumexp(logits, dim=-1)
+                torch.tanh(logits.div_(cap), out=squashed[:rows])
+                torch.mul(squashed[:rows], cap, out=logits)
+            # torch.logsumexp's own steps (max, exp of the difference, sum, log, plus max) without its temporaries
+            top = logits.amax(1, keepdim=True)
+            top.masked_fill_(top.abs() == float("inf"), 0)
+            lse = torch.sub(logits, top, out=shifted[:rows]).exp_().sum(1).log_().add_(top.squeeze(1))
             total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
             if grad_hidden is None and grad_weight is None:
                 continue
             grad = logits.sub_(lse[:, None]).exp_()  # softmax, in the logits' memory
-            grad[torch.arange(len(t), device=t.device), t] -= 1
+            grad[torch.arange(rows, device=t.device), t] -= 1
             if cap:
-                grad.mul_(1 - squashed.square_())
+                grad.mul_(1 - squashed[:rows].square_())
             grad.div_(n)
+            if grad is not low:
+                grad = low[:rows].copy_(grad)
             if grad_hidden is not None:
-                grad_hidden[start:start + LOSS_CHUNK] = grad @ weight
+                grad_hidden[start:start + rows] = grad @ weight
             if grad_weight is not None:
                 grad_weight += grad.t() @ h
         ctx.grads = (grad_hidden, grad_weight)
