@@ -49,6 +49,7 @@ import torch  # noqa: E402
 
 from isara.base_models import base_model_path  # noqa: E402
 from isara.finetune import IGNORE, encode, train, train_format  # noqa: E402
+import isara.finetune as finetune_module  # noqa: E402
 from isara.memory import release_at_peaks, release_freed_memory  # noqa: E402
 from isara.params import Finetune  # noqa: E402
 from isara.prepare import prepare_base  # noqa: E402
@@ -123,7 +124,8 @@ def random_checkpoint(base: Path, size: str, out: Path) -> Path:
 PLAIN = {"gradient_checkpointing": False, "release_memory": False}
 FULL = {"method": "full", "lr": 5e-5}  # full fine-tuning's own lr (the default lora's 1e-3 is too high for it)
 THRESHOLD = "mmap_threshold_128k"
-MEMORY_CONFIGS = {  # the params.yaml default: "lora + checkpointing except the last 4 layers + release_memory"
+FP32_FROZEN = "fp32_frozen_weights"  # LoRA's frozen weights left in fp32, cast by autocast each use (until 2026-12-01)
+MEMORY_CONFIGS = {  # the params.yaml default: "lora + checkpointing except the last 8 layers + release_memory"
     "full": {**PLAIN, **FULL},
     "full + checkpointing": {**PLAIN, **FULL, "gradient_checkpointing": True},
     "full + checkpointing + release_memory": {**FULL, "gradient_checkpointing": True, "release_memory": True},
@@ -139,7 +141,10 @@ MEMORY_CONFIGS = {  # the params.yaml default: "lora + checkpointing except the 
     # between the all-checkpointed and the uncheckpointed rows
     **{f"lora + checkpointing except the last {k} layers + release_memory":
        {"method": "lora", "gradient_checkpointing": True, "release_memory": True, "uncheckpointed_layers": k}
-       for k in (4, 9, 12)},
+       for k in (4, 8, 9, 12)},
+    "lora + checkpointing except the last 4 layers + release_memory, fp32 frozen weights (before)":
+        {"method": "lora", "gradient_checkpointing": True, "release_memory": True, "uncheckpointed_layers": 4,
+         FP32_FROZEN: True},
 }
 
 
@@ -151,6 +156,8 @@ def memory_child(spec: dict) -> None:
     overrides = dict(spec["cfg"])
     if overrides.pop(THRESHOLD, False):
         release_freed_memory()
+    if overrides.pop(FP32_FROZEN, False):
+        finetune_module.LoweredWeights = lambda core, dtype: None
     cfg = Finetune(**overrides)
     if cfg.release_memory:
         release_at_peaks()

@@ -15,8 +15,9 @@ from conftest import REPO, SEEDS
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from isara.base_models import base_model_path
-from isara.finetune import (IGNORE, LOSS_CHUNK, HeadLoss, ResumeState, accumulate_gradients, answer_loss, collate,
-                            encode, length_grouped_batches, merged, prepare_model, resolve_device, trained_tokens, train)
+from isara.finetune import (IGNORE, LOSS_CHUNK, HeadLoss, LoweredWeights, ResumeState, accumulate_gradients,
+                            answer_loss, collate, encode, length_grouped_batches, merged, prepare_model, resolve_device,
+                            trained_tokens, train)
 from isara.gguf import export_gguf
 from isara.params import Finetune, ParamsError
 from isara.prepare import prepare_base
@@ -366,6 +367,41 @@ def test_lora_trains_only_the_adapter(smol_hf, seeds):
     assert after.keys() == start.keys()
     assert not torch.equal(after["model.layers.0.self_attn.q_proj.weight"], start["model.layers.0.self_attn.q_proj.weight"])
     assert torch.equal(after["model.embed_tokens.weight"], start["model.embed_tokens.weight"])  # not a target
+
+
+def test_lora_frozen_weights_in_bf16_train_the_same_bits(smol_hf, seeds, tmp_path):
+    """LoweredWeights (LoRA under bf16 autocast, what _train does): the adapted layers' frozen weights held in bf16
+    give the very gradients autocast's own casts of the fp32 weights give, and restore() brings the fp32 weights
+    back bit for bit, so the merged model is the one training without it merges."""
+    torch.set_num_threads(2)
+    tok = AutoTokenizer.from_pretrained(smol_hf)
+    inputs = collate(encode(seeds[:4], tok, 96), [0, 1, 2, 3], tok.eos_token_id)
+    cfg = Finetune(method="lora", lora_r=4, lr=1e-3)
+    grads, weights = {}, {}
+    for lower in (False, True):
+        torch.manual_seed(0)
+        model, core = prepare_model(AutoModelForCausalLM.from_pretrained(smol_hf, dtype=torch.float32), cfg)
+        lowered = LoweredWeights(core, torch.bfloat16) if lower else None
+        frozen = core.model.layers[0].mlp.down_proj.base_layer.weight
+        assert frozen.dtype == (torch.bfloat16 if lower else torch.float32)
+        model.train()
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
+        for _ in range(2):  # B starts at zero, so A gets its first non-zero gradient in the second step
+            accumulate_gradients(core, [inputs], bf16=True)
+            grads[lower] = _grads(model)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        if lowered is not None:
+            assert len(lowered.layers) == 7 * 30  # every adapted projection of the 30 layers
+            with pytest.raises(RuntimeError, match="no tensor named model.layers"):
+                lowered.restore(tmp_path)  # a folder without the checkpoint: a clear error, nothing changed
+            lowered.restore(smol_hf)
+        weights[lower] = merged(model, cfg).state_dict()
+    assert grads[True].keys() == grads[False].keys()
+    assert all(torch.equal(grads[True][n], grads[False][n]) for n in grads[False])
+    assert weights[True].keys() == weights[False].keys()
+    assert all(weights[True][n].dtype == torch.float32 for n in weights[True])
+    assert all(torch.equal(weights[True][n], weights[False][n]) for n in weights[False])
 
 
 def test_lora_unknown_target_module_is_a_params_error(smol_hf):
