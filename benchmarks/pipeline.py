@@ -72,9 +72,10 @@ def repro(cwd: Path) -> tuple[list[tuple[str, float, float]], str]:
         try:
             line = lines.get(timeout=0.25)
             out.append(line)
-            # search, not match: when a stage's last output lacks a newline, dvc's next line continues it (the
-            # 2026-12-01 13:02 run missed truthfulqa@2 and truthfulqa_base, timing them into truthfulqa@1)
-            if m := re.search(r"Running stage '([^']+)'", line):
+            # anywhere in the line, every one: when a stage's last output lacks a newline, dvc's next line continues
+            # it (the 2026-12-01 13:02 run missed truthfulqa@2 and truthfulqa_base, timing them into truthfulqa@1;
+            # the 18:31 and 19:11 runs missed the two datacards too); stages sharing a line share its time
+            for m in re.finditer(r"Running stage '([^']+)'", line):
                 now = time.perf_counter()
                 close(now)
                 current = [m.group(1), now, 0.0]
