@@ -76,6 +76,7 @@ def test_head_loss_matches_autograd_over_several_chunks(cap, bf16):
         got_h, got_w = torch.autograd.grad(2 * loss, (hidden, weight))  # 2x: the incoming gradient is applied
         frozen = HeadLoss.apply(hidden, weight.detach(), targets, cap)  # LoRA: the head takes no gradient
         got_frozen = torch.autograd.grad(frozen, hidden)[0]
+
     def close(got, ref):
         # bf16: the matmuls' outputs are rounded to bf16 (one ulp is 0.4%), HeadLoss's per chunk and then summed,
         # so an element near zero can be off by a rounding of the terms it sums, not of itself
