@@ -73,8 +73,8 @@ def repro(cwd: Path) -> tuple[list[tuple[str, float, float]], str]:
             line = lines.get(timeout=0.25)
             out.append(line)
             # anywhere in the line, every one: when a stage's last output lacks a newline, dvc's next line continues
-            # it (the 2026-12-01 13:02 run missed truthfulqa@2 and truthfulqa_base, timing them into truthfulqa@1;
-            # the 18:31 and 19:11 runs missed the two datacards too); stages sharing a line share its time
+            # it (the 2026-12-01 13:02 run missed truthfulqa@2 and truthfulqa_base, timing them into truthfulqa@1);
+            # stages sharing a line share its time
             for m in re.finditer(r"Running stage '([^']+)'", line):
                 now = time.perf_counter()
                 close(now)
