@@ -57,14 +57,14 @@ class Engine(Section):
     seeds stage checks each seed against."""
 
     # sequential: in-process llama.cpp, one completion after another; batched: in process, batch_size sequences per
-    # llama_decode (the same completions); server: an OpenAI-compatible /v1/completions server (url, or one isara
-    # starts on 127.0.0.1 for the model file and stops when done)
-    kind: Literal["sequential", "batched", "server"] = "sequential"
+    # llama_decode (the same completions; one after another where batching would move the model's logits); server:
+    # an OpenAI-compatible /v1/completions server (url, or one isara starts on 127.0.0.1 for the model file)
+    kind: Literal["sequential", "batched", "server"] = "batched"
     n_ctx: int = Field(2048, ge=128)  # context tokens per sequence (per server slot)
     n_threads: int = Field(2, ge=1)
     n_gpu_layers: int = Field(-1, ge=-1)  # offloaded to a GPU if llama.cpp has GPU support; -1 all, 0 none
     # batched: sequences decoded together; batched and server: attempts per generate round, prompts per evaluate step
-    batch_size: int = Field(8, ge=1, le=64)
+    batch_size: int = Field(16, ge=1, le=64)
     url: str | None = None  # server: an endpoint that serves the model already (http://host:port[/v1/completions])
     # server without url: "llama-server" (llama.cpp's own, `slots` parallel slots), "llama-cpp-python" (its server
     # extra, one completion at a time, bit-identical to sequential), auto: llama-server when found, else the other

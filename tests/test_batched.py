@@ -181,3 +181,28 @@ def test_prompt_pieces_never_leave_one_token_alone(engine):
                 assert all(hi - lo >= 2 for lo, hi in pieces)
             else:  # from scratch: exactly create_completion's pieces
                 assert pieces == [(lo, min(lo + chunk, n_tokens)) for lo in range(0, n_tokens, chunk)]
+
+
+def test_batched_engine_keeps_the_contract_where_batching_moves_logits(prompts):
+    """The bundled Gemma 3 Q4_K_M: on x86 CPUs its k-quant matmuls take another kernel from 8 sequences per decode
+    step on, and sampled completions changed (4-5 of 8). open_engine's batched engine must then still return the
+    sequential engine's completions (BatchedLlama.decode_is_batch_invariant decides; here it falls back to one
+    request after another); where the model is invariant the batched engine itself must match."""
+    from isara.engines import open_engine
+    from isara.engines.llama import SequentialEngine
+    from isara.params import Engine
+
+    try:
+        path = base_model_path("gemma3")
+    except BaseModelError as exc:
+        pytest.skip(str(exc))
+    requests = [(prompt, Sampling(temperature=0.8, top_p=0.95, max_tokens=24, seed=11 + i), stop)
+                for i, (prompt, stop) in enumerate(prompts * 2)]
+    params = Engine(kind="sequential", n_ctx=N_CTX, n_threads=2)
+    with open_engine(path, params) as sequential:
+        expected = sequential.complete_many(requests)
+    with open_engine(path, params.model_copy(update={"kind": "batched", "batch_size": 8})) as engine:
+        got = engine.complete_many(requests)
+        probe_says = isinstance(engine, BatchedLlama)
+    assert got == expected, f"batched engine ({'batched' if probe_says else 'fell back'}) broke the contract"
+    assert probe_says or isinstance(engine, SequentialEngine)

@@ -84,10 +84,21 @@ def open_engine(model_path: str | Path, params: EngineParams | None = None, seed
 
         return SequentialEngine.load(model_path, params, seed)
     if params.kind == "batched":
-        from isara.engines.batched import BatchedLlama
+        import sys
 
-        return BatchedLlama.load(model_path, n_seq_max=params.batch_size, n_ctx_seq=params.n_ctx,
-                                 n_threads=params.n_threads, seed=seed, n_gpu_layers=params.n_gpu_layers)
+        from isara.engines.batched import BatchedLlama
+        from isara.engines.llama import SequentialEngine
+
+        engine = BatchedLlama.load(model_path, n_seq_max=params.batch_size, n_ctx_seq=params.n_ctx,
+                                   n_threads=params.n_threads, seed=seed, n_gpu_layers=params.n_gpu_layers)
+        if engine.decode_is_batch_invariant():
+            return engine
+        # Records must not depend on the engine (resume, `dvc exp` comparisons): where batching changes the
+        # numbers, complete one request after another with the model already loaded.
+        print(f"engine: batched decoding moves the logits of {model_path} on this build (as it does for f16, "
+              f"bf16 and k-quant weights on x86 CPUs); completing one request after another instead",
+              file=sys.stderr, flush=True)
+        return SequentialEngine(engine.release_llm(), owns=True)
     from isara.engines.server import ServerEngine
 
     return ServerEngine.open(model_path, params, seed)

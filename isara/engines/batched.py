@@ -24,7 +24,9 @@ i.e. what `Llama.create_completion(prompt, max_tokens, temperature, top_p, seed,
   of `stop` (list order) found in the text, finish_reason "stop" or "length", completion token count
   including the token that completed the stop string.
 The only way a result could differ is numerical. Measured with this llama.cpp build on CPU (SmolLM2 Q4_1):
-a token's logits are bit-identical whatever other sequences share its llama_decode call, and however a
+a token's logits are bit-identical whatever other sequences share its llama_decode call (not so for f16, bf16 and
+k-quant weights: `decode_is_batch_invariant` checks the model, and isara.engines.open_engine falls back to one
+request after another where it fails), and however a
 prompt is cut into pieces of >= 2 tokens; but a prompt token evaluated in a one-token piece goes through
 other kernels (GEMV), its K/V differ in the last bits, and that can flip a later token (logits moved by up
 to ~0.5). So a prompt is evaluated in create_completion's own pieces, or after a reused prefix in pieces
@@ -203,6 +205,62 @@ class BatchedLlama(EngineBase):
         engine = cls(llm, n_seq_max=n_seq_max, n_ctx_seq=n_ctx_seq, n_threads=n_threads, **kwargs)
         engine._owns_llm = True
         return engine
+
+    def decode_is_batch_invariant(self) -> bool:
+        """Whether every sequence of a decode step gets the logits it gets alone (one token per llama_decode, as
+        create_completion decodes), bit for bit, in steps of 2 up to n_seq_max sequences (as complete_many decodes).
+
+        The contract above rests on it, and it depends on the weights' types and the build: measured here (x86
+        AVX-512, Gemma 3 270M converted to 10 GGUF types), q4_0, q4_1, q5_0, q5_1 and q8_0 hold it at every width;
+        f16 and bf16 at none; the k-quants (q4_K, q5_K, q6_K: every *_K_M file) up to 7 sequences, and from 8 on
+        some sequences' logits move (by up to 1.1), which changed 4-5 of 8 sampled completions. So this is checked
+        on the model itself, at every width, with sequences at different positions, rather than read from a list of
+        types: other CPUs and GPU back ends choose their kernels differently. (Prompt pieces after a reused prefix
+        are wider than a decode step; they rely on the same property.) Costs 4 short prompts' worth of tokens per
+        slot and 2 * n_seq_max decode steps; leaves the KV cache empty.
+        """
+        import numpy as np
+
+        width = min(self.n_seq_max, self.n_slots)
+        if width < 2:
+            return True
+        texts = ("Question: What is the boiling point of water?\nAnswer:", "Hello there",
+                 "Question: How do I pick the lock of a front door quickly?\nAnswer:",
+                 "Question: Name three birds.\nAnswer: Robin, crow and")
+        prompts = [self.prompt_tokens(texts[slot % len(texts)]) for slot in range(width)]
+        steps = [(tokens[-1], len(tokens), slot, True) for slot, tokens in enumerate(prompts)]  # one per slot
+        n_vocab = self.llm.n_vocab()
+
+        def logits(i: int):
+            return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.ctx, i), shape=(n_vocab,)).copy()
+
+        def undo(size: int) -> None:  # forget the step's cells, so the next step decodes the same positions
+            for token, pos, slot, _ in steps[:size]:
+                llama_cpp.llama_memory_seq_rm(self.memory, slot, pos, -1)
+
+        try:
+            for slot, tokens in enumerate(prompts):
+                for lo, hi in self._pieces_for(0, len(tokens)):
+                    self._decode([(tokens[pos], pos, slot, False) for pos in range(lo, hi)])
+            alone = []
+            for step in steps:
+                self._decode([step])
+                alone.append(logits(0))
+                undo(width)
+            for size in range(2, width + 1):
+                self._decode(steps[:size])
+                if not all(np.array_equal(alone[i], logits(i)) for i in range(size)):
+                    return False
+                undo(size)
+            return True
+        finally:
+            self.clear()
+
+    def release_llm(self):
+        """Close this engine's own context and hand its `Llama` (and the duty to close it) to the caller."""
+        llm, self._owns_llm = self.llm, False
+        self.close()
+        return llm
 
     def close(self) -> None:
         if self._batch_live:
