@@ -94,7 +94,9 @@ def run_one_shot(generate: Generate, n_iterations: int, finetune: Finetune, expo
 
     here = baseline_paths("one_shot")
     cfg = one_shot_config(generate, n_iterations)
-    gen_metrics = run_generate(SEED_INDEX_ITERATION, "0", cfg, progress, out=here, engine_params=engine_params)
+    # generate@1 made this round's first attempts already (same model, data, params and seeds; fewer samples).
+    gen_metrics = run_generate(SEED_INDEX_ITERATION, "0", cfg, progress, out=here, engine_params=engine_params,
+                               prefix_from=iter_paths(SEED_INDEX_ITERATION).attempts)
     # One process generates, then fine-tunes: what generation held must leave the process before training, or this
     # stage peaks above finetune@t (issue 13). So MiniLM, cached for the filters, is dropped and the heap's free
     # pages go back to the OS (run_finetune then trims before every step's peak too).

@@ -51,7 +51,7 @@ from isara.filters import (
     stance_quotas,
     text_reason,
 )
-from isara.io import write_json, write_jsonl
+from isara.io import atomic_write_text, write_json, write_jsonl
 from isara.judges import StanceJudge
 from isara.params import Engine as EngineParams
 from isara.params import Generate, ParamsError
@@ -148,7 +148,10 @@ class GenerationResult:
     completion_tokens: int = 0
     seconds: float = 0.0
     resumed_attempts: int = 0
+    reused_attempts: int = 0
+    carried_accepted: int = 0  # accepted by resumed or reused attempts, outside `seconds`
     levers: Levers = field(default_factory=Levers)
+    outcomes: list[Outcome] = field(default_factory=list)  # every attempt's, in order: the attempt log
 
     def rejected_by_reason(self) -> Counter:
         return Counter(r["reason"] for r in self.rejected)
@@ -302,8 +305,10 @@ class Checkpoint:
 
 def generate_samples(engine, model_sha256: str, retriever: Retriever, iteration: int, cfg: Generate,
                      progress: bool = True, checkpoint: Checkpoint | None = None,
-                     levers: Levers | None = None) -> GenerationResult:
-    """levers None: prepared from cfg (prepare_levers, the judge stage's artifacts/judge for a learned judge)."""
+                     levers: Levers | None = None, prefix: list[Outcome] = ()) -> GenerationResult:
+    """levers None: prepared from cfg (prepare_levers, the judge stage's artifacts/judge for a learned judge).
+    prefix: outcomes of the same round with a smaller n_samples (reusable_prefix), taken as this round's first
+    attempts when there is no checkpoint to resume from."""
     checkpoint = checkpoint or Checkpoint(None)
     levers = levers if levers is not None else prepare_levers(cfg, retriever)
     rng = np.random.default_rng([cfg.seed, iteration])
@@ -312,6 +317,7 @@ def generate_samples(engine, model_sha256: str, retriever: Retriever, iteration:
     bar = tqdm(total=cfg.n_samples, desc=f"generate@{iteration}", unit="sample", disable=not progress)
 
     def apply(outcome: Outcome) -> None:
+        result.outcomes.append(outcome)
         result.attempted += 1
         result.completion_tokens += outcome.completion_tokens
         if outcome.record is not None:
@@ -324,10 +330,19 @@ def generate_samples(engine, model_sha256: str, retriever: Retriever, iteration:
             result.rejected.append(outcome.rejection)
         bar.set_postfix(attempts=result.attempted, rejected=len(result.rejected))
 
-    for outcome in checkpoint.load():
+    resumed = checkpoint.load()
+    for outcome in resumed:
         rng.integers(len(retriever.records))  # replay the anchor draw this attempt consumed
         apply(outcome)
     result.resumed_attempts = result.attempted
+    for outcome in prefix if not resumed else ():
+        if len(result.accepted) >= cfg.n_samples or result.attempted >= cfg.max_attempts:
+            break
+        rng.integers(len(retriever.records))
+        checkpoint.append(outcome)
+        apply(outcome)
+        result.reused_attempts += 1
+    result.carried_accepted = len(result.accepted)
     start = time.perf_counter()
     while len(result.accepted) < cfg.n_samples and result.attempted < cfg.max_attempts:
         width = min(getattr(engine, "width", 1), cfg.max_attempts - result.attempted)  # attempts this round
@@ -358,7 +373,8 @@ def generation_metrics(result: GenerationResult, cfg: Generate, prev_size: int) 
         "completion_tokens": result.completion_tokens,
         "seconds": round(result.seconds, 2),
         "resumed_attempts": result.resumed_attempts,
-        "accepted_per_second": round(len(result.accepted) / max(result.seconds, 1e-9), 4),
+        "reused_attempts": result.reused_attempts,
+        "accepted_per_second": round((len(result.accepted) - result.carried_accepted) / max(result.seconds, 1e-9), 4),
     }
     metrics["rejected_total"] = sum(metrics["rejected"].values())
     metrics["filters"] = result.levers.metrics()
@@ -368,8 +384,19 @@ def generation_metrics(result: GenerationResult, cfg: Generate, prev_size: int) 
 def checkpoint_path(iteration: str, cfg: Generate, model_sha: str, dataset: Path, index_dir: Path,
                     levers: Levers | None = None, backend: Backend | None = None) -> Path:
     """backend: the engine's (a server's; None in process, whose engines all return the same completions)."""
+    key = round_key(cfg, model_sha, dataset, index_dir, levers, backend, with_sizes=True)
+    return CHECKPOINTS / f"generate@{iteration}-{key[:16]}.jsonl"
+
+
+def round_key(cfg: Generate, model_sha: str, dataset: Path, index_dir: Path, levers: Levers | None = None,
+              backend: Backend | None = None, with_sizes: bool = False, seed_iteration: int | None = None) -> str:
+    """A hash of everything a round's attempt outcomes depend on; without n_samples and max_attempts unless
+    with_sizes (a round that only asks for more samples makes the same attempts: reusable_prefix), and with the
+    iteration its seeds derive from when given (attempt_seed)."""
     h = hashlib.sha256()
-    h.update(cfg.model_dump_json().encode())
+    h.update(cfg.model_dump_json(exclude=None if with_sizes else {"n_samples", "max_attempts"}).encode())
+    if seed_iteration is not None:
+        h.update(f"seed iteration {seed_iteration}".encode())
     if backend is not None:
         h.update(backend.model_dump_json().encode())
     if levers is not None and levers.fingerprint():
@@ -377,7 +404,31 @@ def checkpoint_path(iteration: str, cfg: Generate, model_sha: str, dataset: Path
     h.update(model_sha.encode())
     h.update(file_sha256(dataset).encode())
     h.update((index_dir / "ids.json").read_bytes())
-    return CHECKPOINTS / f"generate@{iteration}-{h.hexdigest()[:16]}.jsonl"
+    return h.hexdigest()
+
+
+def write_attempts(path: Path, key: str, outcomes: list[Outcome]) -> None:
+    atomic_write_text(path, "".join([json.dumps({"key": key}) + "\n", *(o.to_json() + "\n" for o in outcomes)]))
+
+
+def reusable_prefix(path: Path, key: str) -> list[Outcome]:
+    """The outcomes of the attempt log at `path` that a round with the same round_key and at least as many
+    n_samples would make itself: every attempt draws its anchor and seeds from its number alone, and each filter
+    decides the same given the same earlier outcomes, except the stance quota, which grows with n_samples, so
+    the prefix ends before the log's first stance_quota rejection. [] when the log is missing or its key differs
+    (other params, model, data or engine)."""
+    if not path.is_file():
+        return []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    if not lines or json.loads(lines[0]).get("key") != key:
+        return []
+    prefix = []
+    for line in lines[1:]:
+        outcome = Outcome.from_json(line)
+        if outcome.rejection is not None and outcome.rejection["reason"] == "stance_quota":
+            break
+        prefix.append(outcome)
+    return prefix
 
 
 def check_k(cfg: Generate, n_records: int, dataset: Path) -> None:
@@ -390,11 +441,12 @@ def check_k(cfg: Generate, n_records: int, dataset: Path) -> None:
 
 
 def run_generate(iteration: str, prev: str, cfg: Generate, progress: bool = True, out: IterPaths | None = None,
-                 engine_params: EngineParams | None = None) -> dict:
+                 engine_params: EngineParams | None = None, prefix_from: Path | None = None) -> dict:
     """generate@t: M(prev) and index@t over D(prev) -> D(t) = D(prev) + the accepted records.
 
-    `out`: where the records, the metrics and the attempt log's name go (default: iteration t's). The one-shot
-    baseline (isara.baseline.run_one_shot) is this same round from M0, in artifacts/baselines/one_shot."""
+    `out`: where the records, the metrics and the attempt logs go (default: iteration t's). The one-shot
+    baseline (isara.baseline.run_one_shot) is this same round from M0, in artifacts/baselines/one_shot, asking for
+    more samples: `prefix_from` names generate@t's attempt log, whose attempts it then need not make again."""
     here, before = iter_paths(iteration), iter_paths(prev)
     out = out or here
     retriever = Retriever.load(here.index, before.dataset)
@@ -405,7 +457,12 @@ def run_generate(iteration: str, prev: str, cfg: Generate, progress: bool = True
     with open_engine(before.gguf, engine_params, cfg.seed) as engine:
         checkpoint = Checkpoint(checkpoint_path(out.iteration, cfg, model_sha, before.dataset, here.index, levers,
                                                 engine.backend))
-        result = generate_samples(engine, model_sha, retriever, int(iteration), cfg, progress, checkpoint, levers)
+        key = round_key(cfg, model_sha, before.dataset, here.index, levers, engine.backend,
+                        seed_iteration=int(iteration))
+        prefix = reusable_prefix(prefix_from, key) if prefix_from is not None else []
+        result = generate_samples(engine, model_sha, retriever, int(iteration), cfg, progress, checkpoint, levers,
+                                  prefix)
+    write_attempts(out.attempts, key, result.outcomes)
     write_jsonl(out.generated, result.accepted)
     write_jsonl(out.rejected, result.rejected)
     write_jsonl(out.dataset, [*previous, *result.accepted])

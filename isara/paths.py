@@ -82,6 +82,12 @@ class IterPaths:
         return self.dir / "rejected.jsonl"
 
     @property
+    def attempts(self) -> Path:
+        """generate's attempt log: a header line {"key": ...}, then one outcome per attempt, in order (the one-shot
+        baseline continues generate@1's instead of making the same attempts again)."""
+        return self.dir / "attempts.jsonl"
+
+    @property
     def index(self) -> Path:
         """Annoy index over the questions of D(t-1), built by index@t."""
         return self.dir / "index"

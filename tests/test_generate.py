@@ -25,14 +25,14 @@ iterations: {"1": {prev: "0"}}
 index: {n_trees: 4}
 generate: {n_samples: 3, max_attempts: 30, k_question: 3, k_answer: 3, max_question_tokens: 48,
            max_answer_tokens: 96, seed: 3}
-engine: {n_ctx: 1024, n_threads: 1}
+engine: {kind: sequential, n_ctx: 1024, n_threads: 1}
 """
 
 
 def use_engine(root, extra: str) -> None:
     """Set more params `engine` keys in root's params.yaml, e.g. "kind: batched, batch_size: 2"."""
     params = root / "params.yaml"
-    params.write_text(params.read_text().replace("engine: {n_ctx: 1024, n_threads: 1}",
+    params.write_text(params.read_text().replace("engine: {kind: sequential, n_ctx: 1024, n_threads: 1}",
                                                  f"engine: {{n_ctx: 1024, n_threads: 1, {extra}}}"))
 
 
@@ -78,8 +78,8 @@ def test_generated_records_carry_lineage(reference):
 
 
 def test_batched_engine_writes_what_the_sequential_one_writes(reference, tmp_path):
-    """The batched engine decodes 8 attempts together (isara.engines.batched); the reference, one completion after
-    another (the default engine), must have written the very same accepted and rejected records, byte for byte."""
+    """The batched engine decodes engine.batch_size attempts together (isara.engines.batched); the reference, one
+    completion after another (kind: sequential in PARAMS), must have written the very same records, byte for byte."""
     root = workspace(tmp_path / "batched")
     use_engine(root, "kind: batched")
     cli(root, "generate", "1")
@@ -119,6 +119,47 @@ def test_killed_generate_resumes_to_identical_records(reference, tmp_path):
     assert resumed >= done_before >= 2, out
     for name in ("generated.jsonl", "rejected.jsonl", "dataset.jsonl"):
         assert (root / "artifacts/1" / name).read_bytes() == (reference / "artifacts/1" / name).read_bytes(), name
+
+
+ONE_SHOT_ROUND = """\
+import sys
+from isara.baseline import one_shot_config
+from isara.generate import run_generate
+from isara.params import DEFAULT_PARAMS, load_params
+from isara.paths import baseline_paths, iter_paths
+p = load_params(DEFAULT_PARAMS)
+prefix = iter_paths("1").attempts if sys.argv[1] == "reuse" else None
+m = run_generate("1", "0", one_shot_config(p.generate, 2), False, out=baseline_paths("one_shot"),
+                 engine_params=p.engine, prefix_from=prefix)
+print(m["reused_attempts"], m["attempted"])
+"""
+
+
+def test_one_shot_round_continues_generate_1s_attempts_to_the_same_records(reference, tmp_path):
+    """The one-shot baseline's round (twice the samples, from M0 over D0) made from scratch and made as a
+    continuation of generate@1's attempt log write the same bytes; the continuation makes only the attempts
+    generate@1 did not (all of its, up to a stance_quota rejection, are reused)."""
+    from isara.generate import reusable_prefix
+
+    root = tmp_path / "oneshot"
+    shutil.copytree(reference, root)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    run = lambda mode: subprocess.run([sys.executable, "-c", ONE_SHOT_ROUND, mode], cwd=root, env=env, text=True,  # noqa: E731
+                                      capture_output=True, check=True, timeout=900).stdout.split()
+    out = root / "artifacts/baselines/one_shot"
+    fresh_reused, fresh_attempted = run("fresh")
+    fresh = {name: (out / name).read_bytes() for name in ("generated.jsonl", "rejected.jsonl", "dataset.jsonl",
+                                                          "attempts.jsonl")}
+    reused, attempted = run("reuse")
+    for name, data in fresh.items():
+        assert (out / name).read_bytes() == data, name
+    log = (root / "artifacts/1/attempts.jsonl").read_text().splitlines()
+    key = json.loads(log[0])["key"]
+    reasons = [(json.loads(line)["rejection"] or {}).get("reason") for line in log[1:]]
+    expected = reasons.index("stance_quota") if "stance_quota" in reasons else len(reasons)
+    assert (fresh_reused, int(reused)) == ("0", expected) and expected >= 3 and attempted == fresh_attempted
+    assert reusable_prefix(root / "artifacts/1/attempts.jsonl", "another key") == []
+    assert len(reusable_prefix(root / "artifacts/1/attempts.jsonl", key)) == expected
 
 
 # ------------------------------------------------------------------ the server engine (isara.engines.server)
