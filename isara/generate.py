@@ -345,7 +345,10 @@ def generate_samples(engine, model_sha256: str, retriever: Retriever, iteration:
     result.carried_accepted = len(result.accepted)
     start = time.perf_counter()
     while len(result.accepted) < cfg.n_samples and result.attempted < cfg.max_attempts:
-        width = min(getattr(engine, "width", 1), cfg.max_attempts - result.attempted)  # attempts this round
+        # Attempts this round: no more than samples are still missing, since attempts past the last needed sample
+        # are thrown away (a 16-wide round for 2 missing samples made up to 14 for nothing in the tiny test projects).
+        width = min(getattr(engine, "width", 1), cfg.max_attempts - result.attempted,
+                    cfg.n_samples - len(result.accepted))
         anchors = [int(rng.integers(len(retriever.records))) for _ in range(width)]
         for outcome in run_attempts(engine, model_sha256, retriever, known, iteration, result.attempted, anchors, cfg,
                                     levers):
