@@ -183,11 +183,32 @@ def test_prompt_pieces_never_leave_one_token_alone(engine):
                 assert pieces == [(lo, min(lo + chunk, n_tokens)) for lo in range(0, n_tokens, chunk)]
 
 
+def test_prompt_pieces_stay_on_the_wide_side_of_a_narrowed_engine(engine):
+    """narrow(7) (k-quants on x86: matmul kernels change at 8 rows): every piece after a reused prefix has >= 8
+    tokens, however the prompt's length falls against the chunk size."""
+    chunk, before = engine.chunk, engine.min_piece
+    engine.min_piece = 8  # what narrow(7) sets, without its piece check (SmolLM2 needs no narrowing)
+    try:
+        for n_tokens in (9, 20, chunk, chunk + 1, chunk + 7, chunk + 8, 2 * chunk + 3):
+            for n_keep in (1, 5, n_tokens // 2, n_tokens - 8):
+                if n_keep > n_tokens - 8:  # _start evaluates >= min_piece tokens after a reused prefix
+                    continue
+                pieces = engine._pieces_for(n_keep, n_tokens)
+                assert pieces[0][0] == n_keep and pieces[-1][1] == n_tokens
+                assert all(a[1] == b[0] for a, b in itertools.pairwise(pieces))
+                assert all(8 <= hi - lo <= chunk for lo, hi in pieces), (n_tokens, n_keep, pieces)
+    finally:
+        engine.min_piece = before
+
+
 def test_batched_engine_keeps_the_contract_where_batching_moves_logits(prompts):
-    """The bundled Gemma 3 Q4_K_M: on x86 CPUs its k-quant matmuls take another kernel from 8 sequences per decode
-    step on, and sampled completions changed (4-5 of 8). open_engine's batched engine must then still return the
-    sequential engine's completions (BatchedLlama.decode_is_batch_invariant decides; here it falls back to one
-    request after another); where the model is invariant the batched engine itself must match."""
+    """The bundled Gemma 3 Q4_K_M: on x86 CPUs its k-quant matmuls take another kernel from 8 rows on (sequences per
+    decode step, or tokens per prompt piece), and sampled completions changed (4-5 of 8). open_engine's batched
+    engine must then still return the sequential engine's completions: BatchedLlama.invariant_width finds the
+    widest step that matches and narrow() decodes at most that many sequences, with prompt pieces after a reused
+    prefix on the wide side of the boundary (or falls back to one request after another where no width matches).
+    The requests come twice, so the second time every prompt is found in the KV cache and only a last piece is
+    evaluated: with pieces of 2 tokens there (the pieces of an invariant model) 2 of the 8 completions changed here."""
     from isara.engines import open_engine
     from isara.engines.llama import SequentialEngine
     from isara.params import Engine
@@ -203,6 +224,10 @@ def test_batched_engine_keeps_the_contract_where_batching_moves_logits(prompts):
         expected = sequential.complete_many(requests)
     with open_engine(path, params.model_copy(update={"kind": "batched", "batch_size": 8})) as engine:
         got = engine.complete_many(requests)
-        probe_says = isinstance(engine, BatchedLlama)
-    assert got == expected, f"batched engine ({'batched' if probe_says else 'fell back'}) broke the contract"
-    assert probe_says or isinstance(engine, SequentialEngine)
+        batched = isinstance(engine, BatchedLlama)
+        reused = batched and engine.stats["prompt_tokens_reused"]
+        state = f"width {engine.width}, min_piece {engine.min_piece}, reused {reused}" if batched else "fell back"
+    assert got == expected, f"batched engine ({state}) broke the contract"
+    assert batched or isinstance(engine, SequentialEngine)
+    if batched and engine.reuse_prefix:
+        assert reused > 0, "the repeated prompts should have been found in the KV cache"

@@ -91,13 +91,22 @@ def open_engine(model_path: str | Path, params: EngineParams | None = None, seed
 
         engine = BatchedLlama.load(model_path, n_seq_max=params.batch_size, n_ctx_seq=params.n_ctx,
                                    n_threads=params.n_threads, seed=seed, n_gpu_layers=params.n_gpu_layers)
-        if engine.decode_is_batch_invariant():
+        width = engine.invariant_width()
+        if width == engine.n_seq_max:
             return engine
         # Records must not depend on the engine (resume, `dvc exp` comparisons): where batching changes the
-        # numbers, complete one request after another with the model already loaded.
-        print(f"engine: batched decoding moves the logits of {model_path} on this build (as it does for f16, "
-              f"bf16 and k-quant weights on x86 CPUs); completing one request after another instead",
-              file=sys.stderr, flush=True)
+        # numbers from some width on, decode narrower; where it does from 2, complete one request after another
+        # with the model already loaded.
+        if width >= 2:
+            engine.narrow(width)
+            print(f"engine: batched decoding moves the logits of {model_path} from {width + 1} sequences on (as "
+                  f"k-quant weights do on x86 CPUs); decoding at most {width} at once, "
+                  + (f"prompt pieces after a reused prefix of at least {width + 1} tokens" if engine.reuse_prefix
+                     else "no prompt-prefix reuse (pieces move the logits too)"), file=sys.stderr, flush=True)
+            return engine
+        print(f"engine: batched decoding moves the logits of {model_path} on this build (as it does for f16 and "
+              f"bf16 weights on x86 CPUs); completing one request after another instead", file=sys.stderr,
+              flush=True)
         return SequentialEngine(engine.release_llm(), owns=True)
     from isara.engines.server import ServerEngine
 

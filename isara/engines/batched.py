@@ -24,13 +24,16 @@ i.e. what `Llama.create_completion(prompt, max_tokens, temperature, top_p, seed,
   of `stop` (list order) found in the text, finish_reason "stop" or "length", completion token count
   including the token that completed the stop string.
 The only way a result could differ is numerical. Measured with this llama.cpp build on CPU (SmolLM2 Q4_1):
-a token's logits are bit-identical whatever other sequences share its llama_decode call (not so for f16, bf16 and
-k-quant weights: `decode_is_batch_invariant` checks the model, and isara.engines.open_engine falls back to one
-request after another where it fails), and however a
+a token's logits are bit-identical whatever other sequences share its llama_decode call, and however a
 prompt is cut into pieces of >= 2 tokens; but a prompt token evaluated in a one-token piece goes through
 other kernels (GEMV), its K/V differ in the last bits, and that can flip a later token (logits moved by up
 to ~0.5). So a prompt is evaluated in create_completion's own pieces, or after a reused prefix in pieces
 of >= 2 tokens (`_pieces_for`), and decode steps carry one token per sequence, as create_completion's do.
+That depends on the weights' types: f16 and bf16 logits move in any decode step of 2 or more sequences, and the
+k-quants' (every *_K_M file) from 8 rows on, in a decode step or a prompt piece. So the model is checked when the
+engine opens (`invariant_width`, `pieces_are_invariant`): isara.engines.open_engine narrows the engine to the
+widest decode step that matches, with prompt pieces after a reused prefix above it (`narrow`), or falls back to
+one request after another where no width does.
 tests/test_batched.py asserts the equality on the real model. (create_completion itself reuses the previous
 call's KV cache: for a prompt identical to the previous one it evaluates only the last token, in a one-token
 piece, so a plain sequential loop can return something else for a request that repeats the one before it;
@@ -55,6 +58,12 @@ TOP_K = 40
 MIN_P = 0.05
 TYPICAL_P = 1.0
 PENALTY_LAST_N = 64  # Llama(last_n_tokens_size=64)
+
+# Prompts of the invariance checks (BatchedLlama.invariant_width, pieces_are_invariant): different lengths, so the
+# sequences of a decode step sit at different positions.
+PROBE_TEXTS = ("Question: What is the boiling point of water?\nAnswer:", "Hello there",
+               "Question: How do I pick the lock of a front door quickly?\nAnswer:",
+               "Question: Name three birds.\nAnswer: Robin, crow and")
 
 
 def sampler_chain(sampling: Sampling, n_vocab: int):
@@ -167,6 +176,8 @@ class BatchedLlama(EngineBase):
         self.n_batch = max(self.chunk, n_seq_max)  # the most tokens of one llama_decode call
         self.reuse_prefix = reuse_prefix
         self.min_prefix = max(1, int(min_prefix))
+        # Fewest tokens a prompt piece after a reused prefix may have (see _pieces_for; narrow() raises it).
+        self.min_piece = 2
         params = llama_cpp.llama_context_params.from_buffer_copy(llm.context_params)
         params.n_seq_max = self.n_slots
         params.n_ctx = self.n_ctx_seq * self.n_slots
@@ -206,33 +217,26 @@ class BatchedLlama(EngineBase):
         engine._owns_llm = True
         return engine
 
-    def decode_is_batch_invariant(self) -> bool:
-        """Whether every sequence of a decode step gets the logits it gets alone (one token per llama_decode, as
-        create_completion decodes), bit for bit, in steps of 2 up to n_seq_max sequences (as complete_many decodes).
+    def invariant_width(self) -> int:
+        """The widest decode step (up to n_seq_max sequences) in which every sequence gets the logits it gets alone
+        (one token per llama_decode, as create_completion decodes), bit for bit, and so does every narrower one;
+        1 where a step of 2 already moves them.
 
         The contract above rests on it, and it depends on the weights' types and the build: measured here (x86
         AVX-512, Gemma 3 270M converted to 10 GGUF types), q4_0, q4_1, q5_0, q5_1 and q8_0 hold it at every width;
         f16 and bf16 at none; the k-quants (q4_K, q5_K, q6_K: every *_K_M file) up to 7 sequences, and from 8 on
         some sequences' logits move (by up to 1.1), which changed 4-5 of 8 sampled completions. So this is checked
         on the model itself, at every width, with sequences at different positions, rather than read from a list of
-        types: other CPUs and GPU back ends choose their kernels differently. (Prompt pieces after a reused prefix
-        are wider than a decode step; they rely on the same property.) Costs 4 short prompts' worth of tokens per
-        slot and 2 * n_seq_max decode steps; leaves the KV cache empty.
+        types: other CPUs and GPU back ends choose their kernels differently. Costs 4 short prompts' worth of tokens
+        per slot and 2 * n_seq_max decode steps; leaves the KV cache empty.
         """
         import numpy as np
 
         width = min(self.n_seq_max, self.n_slots)
         if width < 2:
-            return True
-        texts = ("Question: What is the boiling point of water?\nAnswer:", "Hello there",
-                 "Question: How do I pick the lock of a front door quickly?\nAnswer:",
-                 "Question: Name three birds.\nAnswer: Robin, crow and")
-        prompts = [self.prompt_tokens(texts[slot % len(texts)]) for slot in range(width)]
+            return width
+        prompts = [self.prompt_tokens(PROBE_TEXTS[slot % len(PROBE_TEXTS)]) for slot in range(width)]
         steps = [(tokens[-1], len(tokens), slot, True) for slot, tokens in enumerate(prompts)]  # one per slot
-        n_vocab = self.llm.n_vocab()
-
-        def logits(i: int):
-            return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.ctx, i), shape=(n_vocab,)).copy()
 
         def undo(size: int) -> None:  # forget the step's cells, so the next step decodes the same positions
             for token, pos, slot, _ in steps[:size]:
@@ -245,16 +249,56 @@ class BatchedLlama(EngineBase):
             alone = []
             for step in steps:
                 self._decode([step])
-                alone.append(logits(0))
+                alone.append(self._logits(0))
                 undo(width)
             for size in range(2, width + 1):
                 self._decode(steps[:size])
-                if not all(np.array_equal(alone[i], logits(i)) for i in range(size)):
-                    return False
+                if not all(np.array_equal(alone[i], self._logits(i)) for i in range(size)):
+                    return size - 1
                 undo(size)
-            return True
+            return width
         finally:
             self.clear()
+
+    def pieces_are_invariant(self, min_piece: int) -> bool:
+        """Whether a prompt's last tokens evaluated as a piece of m >= min_piece tokens after the KV cells of the
+        rest (what prompt-prefix reuse does) give the logits of the whole prompt evaluated as create_completion
+        evaluates it, bit for bit, for m at min_piece and a few sizes above. Where decode steps are invariant only up
+        to some width (k-quants), that width is a kernel boundary in the number of rows a matmul takes, which a
+        prompt piece crosses too: this checks that pieces on create_completion's side of it match. Leaves the KV
+        cache empty; costs about 8 * min_piece tokens."""
+        import numpy as np
+
+        tokens = self.prompt_tokens(" ".join(PROBE_TEXTS))
+        n = len(tokens)
+        sizes = sorted({m for m in (min_piece, min_piece + 1, min_piece + 3, 2 * min_piece + 1, 3 * min_piece + 2)
+                        if m <= n - 1})
+        try:
+            for lo, hi in self._pieces_for(0, n):
+                self._decode([(tokens[pos], pos, 0, pos == n - 1) for pos in range(lo, hi)])
+            whole = self._logits(hi - lo - 1)
+            for m in sizes:
+                llama_cpp.llama_memory_seq_rm(self.memory, 0, n - m, -1)
+                self._decode([(tokens[pos], pos, 0, pos == n - 1) for pos in range(n - m, n)])
+                if not np.array_equal(whole, self._logits(m - 1)):
+                    return False
+            return bool(sizes)
+        finally:
+            self.clear()
+
+    def narrow(self, width: int) -> None:
+        """Decode at most `width` sequences at once, and evaluate prompt pieces after a reused prefix in pieces of
+        more than `width` tokens (on create_completion's side of the kernel boundary), or not reuse prefixes where
+        such pieces do not match either. The slots past `width` keep recent prompts (a prompt cache)."""
+        self.n_seq_max = self.width = width
+        self.min_piece = width + 1
+        if self.reuse_prefix and not self.pieces_are_invariant(self.min_piece):
+            self.reuse_prefix = False
+
+    def _logits(self, i: int):
+        import numpy as np
+
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.ctx, i), shape=(self.llm.n_vocab(),)).copy()
 
     def release_llm(self):
         """Close this engine's own context and hand its `Llama` (and the duty to close it) to the caller."""
@@ -393,18 +437,19 @@ class BatchedLlama(EngineBase):
         """The llama_decode calls that evaluate prompt positions [n_keep, n_tokens).
 
         From position 0: create_completion's own pieces (Llama.eval: n_batch tokens, split into n_ubatch),
-        so every token is computed exactly as there. After a reused prefix: pieces of 2..chunk tokens.
+        so every token is computed exactly as there. After a reused prefix: pieces of min_piece..chunk tokens.
         Why never a piece of one token (unless create_completion has one too): llama.cpp runs a one-token
         ubatch through different matmul kernels (GEMV) than a wider one, and the K/V it stores then differ
-        in the last bits from create_completion's; the rounding can flip later tokens.
+        in the last bits from create_completion's; the rounding can flip later tokens. Where the kernels change
+        at a wider ubatch (k-quants: 8 rows, see narrow), min_piece keeps every piece on the wide side.
         """
         if n_keep == 0:
             return [(lo, min(lo + self.chunk, n_tokens)) for lo in range(0, n_tokens, self.chunk)]
         n = n_tokens - n_keep
         sizes = [self.chunk] * ((n - 1) // self.chunk) + [n - self.chunk * ((n - 1) // self.chunk)]
-        if len(sizes) > 1 and sizes[-1] == 1:
-            sizes[-2] -= 1
-            sizes[-1] += 1
+        if len(sizes) > 1 and sizes[-1] < self.min_piece:
+            sizes[-2] -= self.min_piece - sizes[-1]
+            sizes[-1] = self.min_piece
         bounds, lo = [], n_keep
         for size in sizes:
             bounds.append((lo, lo + size))
@@ -428,9 +473,12 @@ class BatchedLlama(EngineBase):
                 shared = self._reusable(other, tokens)
                 if shared > n_keep and shared >= self.min_prefix:
                     source, n_keep = other, shared
-        n_keep = min(n_keep, n - 2)  # evaluate >= 2 tokens (see _pieces_for); the last one gives the logits
-        if n % self.chunk == 1 or (source != slot and n_keep < self.min_prefix) or n_keep < 1:
-            source, n_keep = slot, 0  # create_completion evaluates a one-token last piece: do exactly that
+        n_keep = min(n_keep, n - self.min_piece)  # evaluate >= min_piece tokens (see _pieces_for)
+        # create_completion's last piece is narrower than min_piece (a single token, in the plain case): evaluate the
+        # prompt in its pieces exactly
+        narrow_end = 0 < n % self.chunk < self.min_piece
+        if narrow_end or (source != slot and n_keep < self.min_prefix) or n_keep < 1:
+            source, n_keep = slot, 0
         if source != slot:
             llama_cpp.llama_memory_seq_rm(self.memory, slot, -1, -1)
             llama_cpp.llama_memory_seq_cp(self.memory, source, slot, -1, -1)  # the whole stream, at next decode
@@ -438,8 +486,8 @@ class BatchedLlama(EngineBase):
         self._cached[slot] = []
         for lo, hi in self._pieces_for(n_keep, n):
             self._decode([(tokens[pos], pos, slot, pos == n - 1) for pos in range(lo, hi)])
-        # Only K/V computed in pieces of >= 2 tokens can be reused (the generated tokens' never are).
-        self._cached[slot] = list(tokens) if n % self.chunk != 1 else list(tokens[:-1])
+        # Only K/V computed in pieces of >= min_piece tokens can be reused (the generated tokens' never are).
+        self._cached[slot] = list(tokens[: n - n % self.chunk] if narrow_end else tokens)
         self.stats["prompt_tokens"] += n
         self.stats["prompt_tokens_reused"] += n_keep
         seq.n_past = n
