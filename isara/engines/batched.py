@@ -48,6 +48,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import llama_cpp
+import numpy as np
 from llama_cpp import _internals as internals
 
 from isara.engines import Completion, EngineBase, Request
@@ -230,8 +231,6 @@ class BatchedLlama(EngineBase):
         types: other CPUs and GPU back ends choose their kernels differently. Costs 4 short prompts' worth of tokens
         per slot and 2 * n_seq_max decode steps; leaves the KV cache empty.
         """
-        import numpy as np
-
         width = min(self.n_seq_max, self.n_slots)
         if width < 2:
             return width
@@ -267,8 +266,6 @@ class BatchedLlama(EngineBase):
         to some width (k-quants), that width is a kernel boundary in the number of rows a matmul takes, which a
         prompt piece crosses too: this checks that pieces on create_completion's side of it match. Leaves the KV
         cache empty; costs about 8 * min_piece tokens."""
-        import numpy as np
-
         tokens = self.prompt_tokens(" ".join(PROBE_TEXTS))
         n = len(tokens)
         sizes = sorted({m for m in (min_piece, min_piece + 1, min_piece + 3, 2 * min_piece + 1, 3 * min_piece + 2)
@@ -296,8 +293,6 @@ class BatchedLlama(EngineBase):
             self.reuse_prefix = False
 
     def _logits(self, i: int):
-        import numpy as np
-
         return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.ctx, i), shape=(self.llm.n_vocab(),)).copy()
 
     def release_llm(self):
