@@ -13,7 +13,8 @@ The save trap: a model loaded with `from_pretrained(gguf_file=)` carries `config
 do not load it that way: the model is built on the meta device from the GGUF's config (no quantization config, no
 memory) and takes the tensors transformers' own GGUF reader dequantizes (load_gguf_checkpoint: the same names and
 per-architecture fixes as from_pretrained, so the same checkpoint) without a copy. One fp32 copy of the weights
-exists instead of three: Gemma 3's prepare peaked at 3.12 GiB that way, 2.58 now (issue 13's 3 GiB).
+exists instead of three: Gemma 3's prepare peaked at 3.12 GiB that way, 2.58 after it, and 2.40 since the
+loader's copy of each dequantized tensor is skipped too (_OwnArrays; issue 13's 3 GiB).
 
 The output is written atomically (isara.io.atomic_directory): everything goes to a temporary sibling directory
 that is renamed onto `out_dir` at the end, so a crash never leaves a half-written checkpoint that DVC or the next stage could take
@@ -28,6 +29,8 @@ import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
+
 from isara.gguf import TEMPLATE_FILE, write_template
 from isara.io import atomic_directory, atomic_file
 from isara.records import file_sha256
@@ -35,26 +38,81 @@ from isara.records import file_sha256
 SOURCE_FILE = "isara_source.json"  # provenance: which GGUF this checkpoint was dequantized from
 
 
-@contextmanager
-def _one_gguf_reader(gguf_path: Path):
-    """Let transformers' GGUF loader parse `gguf_path` once instead of three times (tokenizer, config, tensors:
-    each call builds its own gguf.GGUFReader, ~10 s for Gemma 3's 262k-token vocabulary). The reader only maps
-    the file read-only, so one instance serves all three; the loader imports the class at call time, which is
-    what lets this swap it for the length of the block."""
-    import gguf
+DEQUANTIZE_ROWS = 4096  # rows per slice: ~10 MB of fp32 temporaries for Gemma 3's embedding
 
-    cls = gguf.GGUFReader
+
+class _OwnArrays:
+    """gguf.dequantize for transformers' GGUF loader, without the loader's copy of each dequantized tensor.
+
+    The loader makes each tensor with torch.from_numpy(np.copy(weights)): the copy is needed where dequantizing
+    returns a view of the read-only file map (an F32 tensor), and nowhere else. So this dequantizes every other
+    tensor into an array of its own, and np.copy of exactly that array (in the loader's module only) hands it over
+    as it is: Gemma 3's 262k x 640 embedding exists once instead of twice, 0.62 GiB off prepare's peak. Large tensors
+    are dequantized slice by slice into that array, because gguf dequantizes 16 rows at a time and joins the pieces
+    at the end, holding the tensor twice again. The same values: a quantized block never spans two rows."""
+
+    def __init__(self, dequantize):
+        self.dequantize = dequantize
+        self.own = None  # the array dequantized last, until the loader copies it
+
+    def __call__(self, data, qtype):
+        import gguf
+
+        if qtype == gguf.GGMLQuantizationType.F32:
+            return self.dequantize(data, qtype)
+        rows = data.reshape(-1, data.shape[-1])
+        out = None
+        for start in range(0, len(rows), DEQUANTIZE_ROWS):
+            part = self.dequantize(rows[start:start + DEQUANTIZE_ROWS], qtype)
+            if out is None:
+                if len(part) == len(rows):
+                    out = part
+                    break
+                out = np.empty((len(rows), part.shape[-1]), dtype=part.dtype)
+            out[start:start + len(part)] = part
+        self.own = out.reshape(*data.shape[:-1], out.shape[-1])
+        return self.own
+
+    def copy(self, array, *args, **kwargs):
+        if array is self.own and not args and not kwargs:
+            self.own = None
+            return array
+        return np.copy(array, *args, **kwargs)
+
+
+class _NumpyWith:
+    """numpy with some functions replaced, for one module's `np` name."""
+
+    def __init__(self, **replaced):
+        self.__dict__.update(replaced)
+
+    def __getattr__(self, name):
+        return getattr(np, name)
+
+
+@contextmanager
+def _lean_gguf_loader(gguf_path: Path):
+    """Let transformers' GGUF loader parse `gguf_path` once instead of three times (tokenizer, config, tensors:
+    each call builds its own gguf.GGUFReader, ~10 s for Gemma 3's 262k-token vocabulary), and keep one copy of each
+    dequantized tensor instead of two (_OwnArrays). The reader only maps the file read-only, so one instance serves
+    all three; the loader imports both names from gguf at call time, which is what lets this swap them for the
+    length of the block. Should a later transformers stop copying, the swap of np.copy does nothing."""
+    import gguf
+    import transformers.modeling_gguf_pytorch_utils as loader
+
+    cls, dequantize, numpy = gguf.GGUFReader, gguf.dequantize, loader.np
     target = gguf_path.resolve()  # the tokenizer and config calls pass the path transformers resolved
     reader = cls(str(target))
 
     def reuse(path, *args, **kwargs):
         return reader if not args and not kwargs and Path(path).resolve() == target else cls(path, *args, **kwargs)
 
-    gguf.GGUFReader = reuse
+    own = _OwnArrays(dequantize)
+    gguf.GGUFReader, gguf.dequantize, loader.np = reuse, own, _NumpyWith(copy=own.copy)
     try:
         yield
     finally:
-        gguf.GGUFReader = cls
+        gguf.GGUFReader, gguf.dequantize, loader.np = cls, dequantize, numpy
 
 
 def load_gguf_as_hf(gguf_path: Path):
@@ -65,7 +123,7 @@ def load_gguf_as_hf(gguf_path: Path):
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local file: never let a typo turn into a hub download
     gguf_path = Path(gguf_path)
-    with _one_gguf_reader(gguf_path):
+    with _lean_gguf_loader(gguf_path):
         tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
         config = AutoConfig.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
         with torch.device("meta"):  # the names and shapes only: the reader's tensors become the weights

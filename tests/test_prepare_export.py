@@ -181,6 +181,30 @@ def test_prepare_parses_the_gguf_once(smol_prepared):
     assert len(smol_prepared[1]) == 1, smol_prepared[1]
 
 
+def test_prepare_dequantizes_in_slices_into_arrays_the_loader_keeps(monkeypatch):
+    """prepare dequantizes large tensors slice by slice into one array, which transformers' loader then takes
+    without its copy (isara.prepare._OwnArrays): gguf's own values for a slice size that divides nothing, 3-d data
+    and a tensor smaller than a slice; only that array is handed over uncopied, an F32 tensor's file view is not."""
+    import isara.prepare as prepare
+
+    monkeypatch.setattr(prepare, "DEQUANTIZE_ROWS", 1000)
+    reader = gguf.GGUFReader(str(base_model_path("smollm2")))
+    embedding = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    assert embedding.tensor_type != gguf.GGMLQuantizationType.F32 and embedding.data.shape[0] % 1000
+    small = next(t for t in reader.tensors if t.tensor_type != gguf.GGMLQuantizationType.F32
+                 and t.data.shape[0] < 1000)
+    f32 = next(t for t in reader.tensors if t.tensor_type == gguf.GGMLQuantizationType.F32)
+    own = prepare._OwnArrays(gguf.dequantize)
+    for data, qtype in [(embedding.data, embedding.tensor_type), (embedding.data[:6000].reshape(3, 2000, -1),
+                        embedding.tensor_type), (small.data, small.tensor_type)]:
+        got = own(data, qtype)
+        np.testing.assert_array_equal(got, gguf.dequantize(data, qtype))
+        assert own.copy(got) is got and own.copy(got) is not got  # handed over once, copied after that
+    view = own(f32.data, f32.tensor_type)
+    copied = own.copy(view)
+    assert copied is not view and not np.shares_memory(copied, view)
+
+
 def test_prepare_failure_leaves_no_output(tmp_path):
     bogus = tmp_path / "bogus.gguf"
     bogus.write_bytes(b"not a gguf file at all")
