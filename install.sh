@@ -14,7 +14,7 @@ extras=""
 [ "${1:-}" = "test" ] && extras="[test]"
 export CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF}"
 log=.install.log
-echo "isara: installing .${extras} (about 6 minutes on 2 cores, most of it compiling llama.cpp; full log: $log)"
+echo "isara: installing .${extras} (6-12 minutes on 2 cores, most of it compiling llama.cpp; full log: $log)"
 start=$SECONDS
 python -m pip install -v -e ".${extras}" 2>&1 | tee "$log" \
   | grep --line-buffered -E '^Collecting |^Building wheel|^Successfully installed|^\s*\[[0-9]+/[0-9]+\] ' \
