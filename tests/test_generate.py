@@ -362,50 +362,92 @@ def test_out_of_domain_rejects_with_a_tight_threshold_and_not_with_a_huge_one(tm
     assert metrics["accepted"] + sum(1 for r in rejected if "answer" in r) > 0  # answered this time
 
 
-def test_stance_consistency_rejects_mismatches_and_off_means_the_old_records(tmp_path):
+# The stance filters off, with the domain filter off and no repeat penalty: the old records, and the answers the
+# tests below hand to a judge. Shared: one run of the 135M model instead of one per test.
+STANCE_OFF = "out_of_domain: off, stance_band: null, answer_repeat_penalty: 1.0"
+STANCE_BUDGET = {"n_samples: 3, max_attempts: 30": "n_samples: 4, max_attempts: 12"}
+
+
+@pytest.fixture(scope="module")
+def stance_off(tmp_path_factory):
+    root = workspace(tmp_path_factory.mktemp("stance") / "off")
+    return root, *generate_with(root, STANCE_OFF + ", stance_consistency: false", **STANCE_BUDGET)
+
+
+def judge_singling_out(root, generated) -> tuple[object, str]:
+    """Write into root's judge folder a learned judge that calls one of `generated`'s first answers complying and
+    every seed answer declining; returns (the judge, that record's id).
+
+    Which stance the 135M model samples depends on the CPU's llama.cpp kernels (a seed picked on one machine sampled
+    only refusals on another), so the stance filters are tested against a judge fitted to what this machine
+    sampled: a head on the answer's embedding, thresholded halfway between the chosen answer (cosine 1) and the
+    seed answer most like it. Every attempt is seeded on its own, so the chosen answer comes back in the rerun."""
+    import numpy as np
+
+    from isara.embed import EMBED_DIM
+    from isara.judges import DEFAULT_HEAD_CHARS, JUDGE_FILE, LEARNED_FILE, N_FEATURES, LearnedJudge, _features
+
+    seeds = read_records(root / "artifacts/0/dataset.jsonl")
+    seed_x = _features([s.question for s in seeds], [s.answer for s in seeds], DEFAULT_HEAD_CHARS)
+    for record in generated[:3]:  # the quota test asks for 3: the chosen one must come before the round is full
+        direction = np.zeros(N_FEATURES)
+        direction[EMBED_DIM:2 * EMBED_DIM] = _features([record.question], [record.answer],
+                                                       DEFAULT_HEAD_CHARS)[0, EMBED_DIM:2 * EMBED_DIM]
+        nearest = float((seed_x @ direction).max())
+        if nearest < 0.99:  # not a copy of a seed answer
+            break
+    else:
+        pytest.fail(f"the first answers all copy a seed answer: {[r.answer for r in generated[:3]]}")
+    scale = 20.0 / (1.0 - nearest)  # logit +10 at the nearest seed answer, -10 at the chosen answer
+    judge = LearnedJudge(-scale * direction, scale * (1.0 + nearest) / 2)
+    judge_dir = root / "artifacts/judge"
+    judge_dir.mkdir(parents=True, exist_ok=True)
+    judge.save(judge_dir / LEARNED_FILE)
+    (judge_dir / JUDGE_FILE).write_text(json.dumps({"learned": True, "learned_agreement": 0.95,
+                                                    "strmatch_agreement": 0.9}))
+    judge = LearnedJudge.load(judge_dir / LEARNED_FILE)  # as generate reads it (float32 weights)
+    assert judge.predict_refusal([s.question for s in seeds], [s.answer for s in seeds]) == [True] * len(seeds)
+    assert judge.predict_refusal([record.question], [record.answer]) == [False]
+    return judge, record.id
+
+
+def test_stance_consistency_rejects_mismatches_and_off_means_the_old_records(stance_off, tmp_path):
     """With the stance filters and the domain filter off, records carry no stance (the pre-issue-10 records);
     with stance consistency on, the answers that contradict their examples' majority are rejected."""
     from isara.filters import majority_stance
 
-    root = workspace(tmp_path / "stance")
-    budget = {"n_samples: 3, max_attempts: 30": "n_samples: 4, max_attempts: 12"}
-    # The seed and budget were picked for answers sampled without a repeat penalty (one of them contradicts its
-    # examples); the penalty is not what this test is about.
-    off = "out_of_domain: off, stance_band: null, answer_repeat_penalty: 1.0"
-    metrics, generated, rejected = generate_with(root, off + ", stance_consistency: false", **budget)
-    raw = (root / "artifacts/1/generated.jsonl").read_text()
-    assert generated and '"stance"' not in raw and '"stance"' not in (root / "artifacts/1/rejected.jsonl").read_text()
+    off_root, metrics, generated, rejected = stance_off
+    raw = (off_root / "artifacts/1/generated.jsonl").read_text()
+    assert generated and '"stance"' not in raw and '"stance"' not in (off_root / "artifacts/1/rejected.jsonl").read_text()
     assert metrics["filters"] == {"out_of_domain": "off"}
-    stances = seed_stances(root)
     off_ids = {r.id for r in generated}
 
-    metrics, generated, rejected = generate_with(root, off, **budget)
+    root = tmp_path / "on"
+    shutil.copytree(off_root, root)
+    judge, complying = judge_singling_out(root, generated)
+    question = next(g.question for g in generated if g.id == complying)
+    stances = {s.id: "declines" for s in read_records(root / "artifacts/0/dataset.jsonl")}  # checked by the judge
+    metrics, generated, rejected = generate_with(root, STANCE_OFF, **STANCE_BUDGET)
+    assert metrics["filters"]["stance_judge"] == "learned"
     mismatched = [r for r in rejected if r["reason"] == "stance_mismatch"]
-    assert mismatched, "the 135M model answered every question in its examples' stance: pick another seed"
+    assert question in [r["question"] for r in mismatched]
     for row in mismatched:
         assert majority_stance(row["example_stances"]) not in (None, row["stance"])
+        assert judge.predict_refusal([row["question"]], [row["answer"]]) == [row["stance"] == "declines"]
     for r in generated:
         assert r.stance is not None and majority_stance([stances[n.id] for n in r.answer_context]) in (None, r.stance)
     assert off_ids != {r.id for r in generated}
 
 
-def test_stance_quota_holds_with_the_learned_judge(tmp_path):
-    """stance_band 0: the round keeps D0's declining share exactly (here all 8 seeds decline: no complying answer
-    is accepted), judged by a learned judge from the judge stage's folder (a head that reads the string-match flag)."""
-    import numpy as np
-
-    from isara.judges import JUDGE_FILE, LEARNED_FILE, N_FEATURES, LearnedJudge
-
-    root = workspace(tmp_path / "quota")
-    judge_dir = root / "artifacts/judge"
-    judge_dir.mkdir(parents=True)
-    weights = np.zeros(N_FEATURES)
-    weights[-1] = 10.0
-    LearnedJudge(weights, -5.0).save(judge_dir / LEARNED_FILE)
-    (judge_dir / JUDGE_FILE).write_text(json.dumps({"learned": True, "learned_agreement": 0.95,
-                                                    "strmatch_agreement": 0.9}))
+def test_stance_quota_holds_with_the_learned_judge(stance_off, tmp_path):
+    """stance_band 0: the round keeps D0's declining share exactly (here the judge calls all 8 seeds declining: no
+    complying answer is accepted), judged by a learned judge from the judge stage's folder."""
+    off_root, _, off_generated, _ = stance_off
+    root = tmp_path / "quota"
+    shutil.copytree(off_root, root)
+    _, complying = judge_singling_out(root, off_generated)
+    question = next(g.question for g in off_generated if g.id == complying)
     metrics, generated, rejected = generate_with(
-        # answer_repeat_penalty 1.0: the budget was picked for answers sampled without it (one of them complies).
         root, "out_of_domain: off, stance_consistency: false, stance_band: 0.0, answer_repeat_penalty: 1.0",
         **{"max_attempts: 30": "max_attempts: 12"})
     filters = metrics["filters"]
@@ -413,5 +455,5 @@ def test_stance_quota_holds_with_the_learned_judge(tmp_path):
     assert filters["stance_quota"] == {"declines": 3, "complies": 0}
     assert all(r.stance == "declines" for r in generated)
     quota = [r for r in rejected if r["reason"] == "stance_quota"]
-    assert quota and all(r["stance"] == "complies" for r in quota)
+    assert question in [r["question"] for r in quota] and all(r["stance"] == "complies" for r in quota)
     assert metrics["rejected"]["stance_quota"] == len(quota)
