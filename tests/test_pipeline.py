@@ -143,7 +143,8 @@ def test_queued_experiment_reads_benchmarks_through_a_relative_path(tiny_project
     runs = [e for row in exps for e in row.get("experiments") or [] if e.get("name") == "bench"]
     assert runs, exps
     data = runs[0]["revs"][0]["data"]
-    metrics = {path: m["data"] for path, m in data["metrics"].items()}
+    # the stages this experiment did not run left no metrics file in its copy: exp show reports an error for those
+    metrics = {path: m["data"] for path, m in data["metrics"].items() if "data" in m}
     judge = metrics["reports/judge.json"]
     assert judge["learned"] is True and judge["data"].endswith("xstest"), judge
     for rel in ("reports/baselines/base/truthfulqa.json", "reports/iters/1/truthfulqa.json",
