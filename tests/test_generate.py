@@ -374,9 +374,9 @@ def stance_off(tmp_path_factory):
     return root, *generate_with(root, STANCE_OFF + ", stance_consistency: false", **STANCE_BUDGET)
 
 
-def judge_singling_out(root, generated) -> tuple[object, str]:
+def judge_singling_out(root, generated):
     """Write into root's judge folder a learned judge that calls one of `generated`'s first answers complying and
-    every seed answer declining; returns (the judge, that record's id).
+    every seed answer declining; returns (the judge, that record).
 
     Which stance the 135M model samples depends on the CPU's llama.cpp kernels (a seed picked on one machine sampled
     only refusals on another), so the stance filters are tested against a judge fitted to what this machine
@@ -408,7 +408,7 @@ def judge_singling_out(root, generated) -> tuple[object, str]:
     judge = LearnedJudge.load(judge_dir / LEARNED_FILE)  # as generate reads it (float32 weights)
     assert judge.predict_refusal([s.question for s in seeds], [s.answer for s in seeds]) == [True] * len(seeds)
     assert judge.predict_refusal([record.question], [record.answer]) == [False]
-    return judge, record.id
+    return judge, record
 
 
 def test_stance_consistency_rejects_mismatches_and_off_means_the_old_records(stance_off, tmp_path):
@@ -425,12 +425,11 @@ def test_stance_consistency_rejects_mismatches_and_off_means_the_old_records(sta
     root = tmp_path / "on"
     shutil.copytree(off_root, root)
     judge, complying = judge_singling_out(root, generated)
-    question = next(g.question for g in generated if g.id == complying)
     stances = {s.id: "declines" for s in read_records(root / "artifacts/0/dataset.jsonl")}  # checked by the judge
     metrics, generated, rejected = generate_with(root, STANCE_OFF, **STANCE_BUDGET)
     assert metrics["filters"]["stance_judge"] == "learned"
     mismatched = [r for r in rejected if r["reason"] == "stance_mismatch"]
-    assert question in [r["question"] for r in mismatched]
+    assert complying.question in [r["question"] for r in mismatched]
     for row in mismatched:
         assert majority_stance(row["example_stances"]) not in (None, row["stance"])
         assert judge.predict_refusal([row["question"]], [row["answer"]]) == [row["stance"] == "declines"]
@@ -446,7 +445,6 @@ def test_stance_quota_holds_with_the_learned_judge(stance_off, tmp_path):
     root = tmp_path / "quota"
     shutil.copytree(off_root, root)
     _, complying = judge_singling_out(root, off_generated)
-    question = next(g.question for g in off_generated if g.id == complying)
     metrics, generated, rejected = generate_with(
         root, "out_of_domain: off, stance_consistency: false, stance_band: 0.0, answer_repeat_penalty: 1.0",
         **{"max_attempts: 30": "max_attempts: 12"})
@@ -455,5 +453,5 @@ def test_stance_quota_holds_with_the_learned_judge(stance_off, tmp_path):
     assert filters["stance_quota"] == {"declines": 3, "complies": 0}
     assert all(r.stance == "declines" for r in generated)
     quota = [r for r in rejected if r["reason"] == "stance_quota"]
-    assert question in [r["question"] for r in quota] and all(r["stance"] == "complies" for r in quota)
+    assert complying.question in [r["question"] for r in quota] and all(r["stance"] == "complies" for r in quota)
     assert metrics["rejected"]["stance_quota"] == len(quota)
