@@ -97,12 +97,17 @@ def collate(examples, batch: list[int], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-LOSS_CHUNK = 64  # trained positions whose logits exist at once in HeadLoss
+LOSS_CHUNK = 64  # trained positions per exp-and-sum of HeadLoss's logsumexp (and, under autocast, per matmul)
+# Trained positions per matmul with the head in fp32 on CPU: each of a chunk's two matmuls streams the whole head (671
+# MB of fp32 for Gemma 3), and at 64 rows they ran at half the speed of larger ones on 2 AVX2 cores; 128 rows took a
+# fine-tune step there about 10% faster for one more chunk of logits in memory (64 MiB; benchmarks/README.md). bf16
+# autocast keeps 64: its extra fp32 copy of the logits makes rows dearer, and its runs gained little from more.
+FP32_MATMUL_CHUNK = 2 * LOSS_CHUNK
 
 
 class HeadLoss(torch.autograd.Function):
     """Mean cross-entropy of the LM head's logits (hidden @ weight.T, Gemma's soft cap applied when set) against
-    `targets`, LOSS_CHUNK rows at a time, with both gradients taken in the forward pass (Liger-Kernel's fused
+    `targets`, a chunk of rows at a time, with both gradients taken in the forward pass (Liger-Kernel's fused
     linear cross-entropy, in plain torch). Autograd would keep every row's logits, their softmax and, with the
     soft cap, its tanh alive until the backward pass: for Gemma 3's 262k vocabulary that is 1 GiB of fp32 per
     1,000 trained positions per tensor, the largest part of its fine-tune's peak memory; here one chunk's exist.
@@ -116,16 +121,17 @@ class HeadLoss(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         device = hidden.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+        chunk = FP32_MATMUL_CHUNK if dtype == torch.float32 and device == "cpu" else LOSS_CHUNK
         # Cast once what autocast would cast in every chunk's matmuls. Each chunk's tensors (64 MiB of fp32 a
-        # tensor for Gemma 3) go into buffers made once: a fresh one per chunk page-faulted all of its memory in
-        # again after trim_heap, which cost a Gemma 3 step more time than the softmax itself.
+        # tensor for Gemma 3 per LOSS_CHUNK rows) go into buffers made once: a fresh one per chunk page-faulted all
+        # of its memory in again after trim_heap, which cost a Gemma 3 step more time than the softmax itself.
         weight, low_hidden = weight.to(dtype), hidden.to(dtype)
-        buffer = lambda dt: torch.empty((min(n, LOSS_CHUNK), vocab), dtype=dt, device=hidden.device)  # noqa: E731
-        low = buffer(dtype)  # the matmuls' side: the logits as they come out, the gradient as it goes in
-        full = low if dtype == torch.float32 else buffer(torch.float32)
-        shifted, squashed = buffer(torch.float32), buffer(torch.float32) if cap else None
-        for start in range(0, n, LOSS_CHUNK):
-            h, t = low_hidden[start:start + LOSS_CHUNK], targets[start:start + LOSS_CHUNK]
+        buffer = lambda dt, rows: torch.empty((min(n, rows), vocab), dtype=dt, device=hidden.device)  # noqa: E731
+        low = buffer(dtype, chunk)  # the matmuls' side: the logits as they come out, the gradient as it goes in
+        full = low if dtype == torch.float32 else buffer(torch.float32, chunk)
+        shifted, squashed = buffer(torch.float32, LOSS_CHUNK), buffer(torch.float32, chunk) if cap else None
+        for start in range(0, n, chunk):
+            h, t = low_hidden[start:start + chunk], targets[start:start + chunk]
             rows = len(t)
             logits = full[:rows]
             torch.mm(h, weight.t(), out=low[:rows])
@@ -137,7 +143,12 @@ class HeadLoss(torch.autograd.Function):
             # torch.logsumexp's own steps (max, exp of the difference, sum, log, plus max) without its temporaries
             top = logits.amax(1, keepdim=True)
             top.masked_fill_(top.abs() == float("inf"), 0)
-            lse = torch.sub(logits, top, out=shifted[:rows]).exp_().sum(1).log_().add_(top.squeeze(1))
+            lse = torch.empty(rows, dtype=torch.float32, device=hidden.device)
+            for part in range(0, rows, LOSS_CHUNK):  # the exp's scratch buffer holds LOSS_CHUNK rows
+                block = logits[part:part + LOSS_CHUNK]
+                torch.sub(block, top[part:part + LOSS_CHUNK], out=shifted[:len(block)]).exp_()
+                torch.sum(shifted[:len(block)], 1, out=lse[part:part + LOSS_CHUNK])
+            lse.log_().add_(top.squeeze(1))
             total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
             if grad_hidden is None and grad_weight is None:
                 continue

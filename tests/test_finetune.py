@@ -15,9 +15,9 @@ from conftest import REPO, SEEDS
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from isara.base_models import base_model_path
-from isara.finetune import (IGNORE, LOSS_CHUNK, HeadLoss, LoweredWeights, ResumeState, accumulate_gradients,
-                            answer_loss, collate, cpu_has_bf16, encode, length_grouped_batches, merged, prepare_model,
-                            resolve_device, trained_tokens, train)
+from isara.finetune import (FP32_MATMUL_CHUNK, IGNORE, LOSS_CHUNK, HeadLoss, LoweredWeights, ResumeState,
+                            accumulate_gradients, answer_loss, collate, cpu_has_bf16, encode, length_grouped_batches,
+                            merged, prepare_model, resolve_device, trained_tokens, train)
 from isara.gguf import export_gguf
 from isara.params import Finetune, ParamsError
 from isara.prepare import prepare_base
@@ -64,10 +64,10 @@ def test_answer_loss_equals_the_models_own_loss(smol_hf, seeds):
 @pytest.mark.parametrize("cap", [None, 30.0])
 def test_head_loss_matches_autograd_over_several_chunks(cap, bf16):
     """HeadLoss takes its gradients chunk by chunk in the forward pass: loss and both gradients must be what
-    autograd gives for the whole logits matrix (2.5 chunks of rows, the last one partial), in fp32 and under
-    bf16 autocast, whose casts HeadLoss makes itself once for all chunks."""
+    autograd gives for the whole logits matrix (2 fp32 matmul chunks of rows and a partial one, whose exp-and-sum
+    runs in LOSS_CHUNK parts; 4.5 chunks under bf16 autocast, whose casts HeadLoss makes itself once for all)."""
     g = torch.Generator().manual_seed(0)
-    n = 2 * LOSS_CHUNK + LOSS_CHUNK // 2
+    n = 2 * FP32_MATMUL_CHUNK + LOSS_CHUNK // 2 + 1
     hidden = torch.randn(n, 32, generator=g).requires_grad_()
     weight = torch.randn(1000, 32, generator=g).requires_grad_()
     targets = torch.randint(0, 1000, (n,), generator=g)
