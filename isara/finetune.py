@@ -97,7 +97,7 @@ def collate(examples, batch: list[int], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-LOSS_CHUNK = 64  # trained positions per exp-and-sum of HeadLoss's logsumexp (and, under autocast, per matmul)
+LOSS_CHUNK = 64  # trained positions per exp-and-sum of HeadLoss's logsumexp, and per matmul but in fp32 on CPU
 # Trained positions per matmul with the head in fp32 on CPU: each of a chunk's two matmuls streams the whole head (671
 # MB of fp32 for Gemma 3), and at 64 rows they ran at half the speed of larger ones on 2 AVX2 cores; 128 rows took a
 # fine-tune step there about 10% faster for one more chunk of logits in memory (64 MiB; benchmarks/README.md). bf16
