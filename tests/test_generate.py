@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -36,9 +37,12 @@ def use_engine(root, extra: str) -> None:
                                                  f"engine: {{n_ctx: 1024, n_threads: 1, {extra}}}"))
 
 
-def workspace(root):
-    """artifacts/0 (8 seeds, the base GGUF) and index@1, built with the real CLI."""
-    root.mkdir(parents=True)
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """artifacts/0 (8 seeds, the base GGUF) and index@1, built once with the real CLI: every test's workspace is
+    a copy (building it, two processes that load torch and MiniLM, took 16-30 s per test)."""
+    root = tmp_path_factory.mktemp("gen") / "built"
+    root.mkdir()
     (root / "params.yaml").write_text(PARAMS)
     write_seed_subset(SEEDS / "safety.jsonl", root / "seeds.jsonl", 8)
     (root / "artifacts/0").mkdir(parents=True)
@@ -46,6 +50,12 @@ def workspace(root):
     for args in (["seeds"], ["index", "1"]):
         cli(root, *args)
     return root
+
+
+@pytest.fixture
+def workspace(built):
+    """A fresh copy of `built` at the given path, e.g. workspace(tmp_path / "batched")."""
+    return lambda root: Path(shutil.copytree(built, root))
 
 
 def cli(root, *args, **kw):
@@ -56,8 +66,8 @@ def cli(root, *args, **kw):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    root = workspace(tmp_path_factory.mktemp("gen") / "ref")
+def reference(built, tmp_path_factory):
+    root = Path(shutil.copytree(built, tmp_path_factory.mktemp("gen") / "ref"))
     cli(root, "generate", "1")
     return root
 
@@ -77,7 +87,7 @@ def test_generated_records_carry_lineage(reference):
     assert not (reference / "checkpoints").exists() or not any((reference / "checkpoints").iterdir())
 
 
-def test_batched_engine_writes_what_the_sequential_one_writes(reference, tmp_path):
+def test_batched_engine_writes_what_the_sequential_one_writes(reference, tmp_path, workspace):
     """The batched engine decodes engine.batch_size attempts together (isara.engines.batched); the reference, one
     completion after another (kind: sequential in PARAMS), must have written the very same records, byte for byte."""
     root = workspace(tmp_path / "batched")
@@ -102,7 +112,7 @@ def generate_until_logged(root, **popen):
     return proc, logs
 
 
-def test_killed_generate_resumes_to_identical_records(reference, tmp_path):
+def test_killed_generate_resumes_to_identical_records(reference, tmp_path, workspace):
     root = workspace(tmp_path / "killed")
     # The batched engine in batches of 2 attempts: the log grows batch by batch, and neither the kill nor the
     # engine may change the records (the reference ran sequentially).
@@ -181,7 +191,7 @@ def assert_same_as_reference(root, reference, backend: dict) -> None:
     assert read_records(root / "artifacts/1/dataset.jsonl") == [*seeds, *generated]
 
 
-def test_server_engine_writes_the_sequential_records(reference, tmp_path):
+def test_server_engine_writes_the_sequential_records(reference, tmp_path, workspace):
     """engine.kind server without a url: generate starts llama-cpp-python's server on 127.0.0.1 (no llama-server
     asked for), sends it 4 attempts' requests per round, and stops it. That server completes one request at a time
     from an empty KV cache in the same llama.cpp library, so its completions, and the records, are the in-process
@@ -213,7 +223,7 @@ def start_server(model, port: int, log) -> subprocess.Popen:
     raise AssertionError("the server did not start within 120 s")
 
 
-def test_server_killed_mid_generate_is_a_clear_error_and_the_rerun_resumes(reference, tmp_path):
+def test_server_killed_mid_generate_is_a_clear_error_and_the_rerun_resumes(reference, tmp_path, workspace):
     """A server at engine.url (started here, on 127.0.0.1) is SIGKILLed while generate is using it: generate stops
     with one error line naming the endpoint and writes no output; with the server back on the same port, the rerun
     resumes from the attempt log and ends with the records of an uninterrupted run."""
@@ -259,7 +269,7 @@ def llama_server_binary():
 
 
 @pytest.mark.skipif(llama_server_binary() is None, reason="no llama-server (benchmarks/build_llama_server.sh builds it)")
-def test_llama_server_with_parallel_slots_generates_records_with_lineage(reference, tmp_path):
+def test_llama_server_with_parallel_slots_generates_records_with_lineage(reference, tmp_path, workspace):
     """llama.cpp's own server with 2 parallel slots, started by generate: the records carry the same lineage and
     name the backend. Their text is not compared with the in-process engine's: llama-server is another build of
     llama.cpp, and slots decoded together share llama_decode calls (README "Reliability and reproducibility")."""
@@ -275,7 +285,7 @@ def test_llama_server_with_parallel_slots_generates_records_with_lineage(referen
         assert r.raw_answer.strip() == r.answer and r.question_sampling.seed != r.answer_sampling.seed
 
 
-def test_attempt_budget_stops_with_warning_and_metric(tmp_path):
+def test_attempt_budget_stops_with_warning_and_metric(tmp_path, workspace):
     root = workspace(tmp_path / "budget")
     params = root / "params.yaml"
     params.write_text(params.read_text().replace("n_samples: 3, max_attempts: 30", "n_samples: 5, max_attempts: 5")
@@ -287,7 +297,7 @@ def test_attempt_budget_stops_with_warning_and_metric(tmp_path):
     assert sum(metrics["rejected"].values()) == 5
 
 
-def test_k_larger_than_the_seed_set_is_a_clear_error(tmp_path):
+def test_k_larger_than_the_seed_set_is_a_clear_error(tmp_path, workspace):
     root = workspace(tmp_path / "bigk")
     params = root / "params.yaml"
     params.write_text(params.read_text().replace("k_question: 3", "k_question: 9"))
@@ -344,7 +354,7 @@ def test_default_filters_are_recorded_and_hold(reference):
         assert filters["accepted_stance"][stance] <= quota
 
 
-def test_out_of_domain_rejects_with_a_tight_threshold_and_not_with_a_huge_one(tmp_path):
+def test_out_of_domain_rejects_with_a_tight_threshold_and_not_with_a_huge_one(tmp_path, workspace):
     root = workspace(tmp_path / "domain")
     metrics, generated, rejected = generate_with(
         root, "out_of_domain_distance: 0.05", **{"n_samples: 3, max_attempts: 30": "n_samples: 3, max_attempts: 6"})
@@ -369,8 +379,8 @@ STANCE_BUDGET = {"n_samples: 3, max_attempts: 30": "n_samples: 4, max_attempts: 
 
 
 @pytest.fixture(scope="module")
-def stance_off(tmp_path_factory):
-    root = workspace(tmp_path_factory.mktemp("stance") / "off")
+def stance_off(built, tmp_path_factory):
+    root = Path(shutil.copytree(built, tmp_path_factory.mktemp("stance") / "off"))
     return root, *generate_with(root, STANCE_OFF + ", stance_consistency: false", **STANCE_BUDGET)
 
 
