@@ -5,8 +5,9 @@ Hugging Face checkpoint (params base.hf) into a GGUF (prepare_hf, with llama.cpp
                from isara.prepare import prepare_base; prepare_base(base_model_path('smollm2'), Path('models/base'))"
 
 Why a stage of its own: transformers reads a GGUF by dequantizing every tensor to fp32 and converting the GGUF
-tokenizer to a `tokenizers` one, which takes ~30 s; doing it once per base model lets fine-tuning start from an
-ordinary safetensors checkpoint.
+tokenizer to a `tokenizers` one, which takes 14 s for SmolLM2 and 48 s for Gemma 3 on 2 cores even with the
+shortcuts of _lean_gguf_loader; doing it once per base model lets fine-tuning start from an ordinary safetensors
+checkpoint.
 
 The save trap: a model loaded with `from_pretrained(gguf_file=)` carries `config.quantization_config` (quant_method
 "gguf") and refuses `save_pretrained` ("quantized with gguf"), although its weights are already plain fp32. So we
@@ -92,27 +93,44 @@ class _NumpyWith:
 
 @contextmanager
 def _lean_gguf_loader(gguf_path: Path):
-    """Let transformers' GGUF loader parse `gguf_path` once instead of three times (tokenizer, config, tensors:
-    each call builds its own gguf.GGUFReader, ~10 s for Gemma 3's 262k-token vocabulary), and keep one copy of each
-    dequantized tensor instead of two (_OwnArrays). The reader only maps the file read-only, so one instance serves
-    all three; the loader imports both names from gguf at call time, which is what lets this swap them for the
-    length of the block. Should a later transformers stop copying, the swap of np.copy does nothing."""
+    """Let transformers' GGUF loader read `gguf_path` with less repeated work, and keep one copy of each dequantized
+    tensor instead of two (_OwnArrays). Its three calls (tokenizer, config, tensors) each build a gguf.GGUFReader
+    (~10 s for Gemma 3's 262k-token vocabulary) and parse every metadata value; building the tensor-name map calls
+    gguf.get_tensor_name_map once per module of the model (SmolLM2: 397 times, ~10 s). So for the length of the
+    block: one reader serves all three calls (it only maps the file read-only); the tokenizer's and config's
+    metadata-only calls share one parse (each gets its own copy, as each got its own dict before); the name map is
+    built once per (architecture, layers). The loader and its callers import these names at call time, which is what
+    lets this swap them. Should a later transformers stop copying, the swap of np.copy does nothing."""
+    import copy
+    import functools
+
     import gguf
     import transformers.modeling_gguf_pytorch_utils as loader
 
-    cls, dequantize, numpy = gguf.GGUFReader, gguf.dequantize, loader.np
+    saved = (gguf.GGUFReader, gguf.dequantize, gguf.get_tensor_name_map, loader.np, loader.load_gguf_checkpoint)
+    cls, dequantize, name_map, numpy, load_checkpoint = saved
     target = gguf_path.resolve()  # the tokenizer and config calls pass the path transformers resolved
     reader = cls(str(target))
 
     def reuse(path, *args, **kwargs):
         return reader if not args and not kwargs and Path(path).resolve() == target else cls(path, *args, **kwargs)
 
+    metadata = {}
+
+    def load_once(path, return_tensors=False, **kwargs):
+        if return_tensors or kwargs or Path(path).resolve() != target:
+            return load_checkpoint(path, return_tensors, **kwargs)
+        if not metadata:
+            metadata["parsed"] = load_checkpoint(path)
+        return copy.deepcopy(metadata["parsed"])
+
     own = _OwnArrays(dequantize)
-    gguf.GGUFReader, gguf.dequantize, loader.np = reuse, own, _NumpyWith(copy=own.copy)
+    gguf.GGUFReader, gguf.dequantize, gguf.get_tensor_name_map = reuse, own, functools.lru_cache(name_map)
+    loader.np, loader.load_gguf_checkpoint = _NumpyWith(copy=own.copy), load_once
     try:
         yield
     finally:
-        gguf.GGUFReader, gguf.dequantize, loader.np = cls, dequantize, numpy
+        gguf.GGUFReader, gguf.dequantize, gguf.get_tensor_name_map, loader.np, loader.load_gguf_checkpoint = saved
 
 
 def load_gguf_as_hf(gguf_path: Path):
