@@ -139,6 +139,18 @@ def tiny_project(tmp_path_factory) -> Project:
     return project
 
 
+@pytest.fixture(scope="session")
+def smollm2_hf(tmp_path_factory) -> Path:
+    """The bundled SmolLM2 GGUF prepared as a transformers checkpoint (prepare_base), once for every module that
+    reads it; nothing may write into it."""
+    from isara.base_models import base_model_path
+    from isara.prepare import prepare_base
+
+    out = tmp_path_factory.mktemp("smollm2") / "hf"
+    prepare_base(base_model_path("smollm2"), out)
+    return out
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked `mutates_tiny_project` change the shared tiny project: run them after every other test."""
     items.sort(key=lambda item: item.get_closest_marker("mutates_tiny_project") is not None)

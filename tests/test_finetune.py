@@ -14,13 +14,11 @@ torch = pytest.importorskip("torch")
 from conftest import REPO, SEEDS
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from isara.base_models import base_model_path
 from isara.finetune import (FP32_MATMUL_CHUNK, IGNORE, LOSS_CHUNK, HeadLoss, LoweredWeights, ResumeState,
                             accumulate_gradients, answer_loss, collate, cpu_has_bf16, encode, length_grouped_batches,
                             merged, prepare_model, resolve_device, trained_tokens, train)
 from isara.gguf import export_gguf
 from isara.params import Finetune, ParamsError
-from isara.prepare import prepare_base
 from isara.seeds import read_seed_file
 
 pytestmark = pytest.mark.slow
@@ -32,10 +30,8 @@ native_bf16 = pytest.mark.skipif(not cpu_has_bf16(), reason="bf16 autocast is em
 
 
 @pytest.fixture(scope="module")
-def smol_hf(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ft") / "hf"
-    prepare_base(base_model_path("smollm2"), out)
-    return out
+def smol_hf(smollm2_hf):
+    return smollm2_hf
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,6 @@ from isara.engines.llama import open_llama  # noqa: E402
 from isara.cli import package_command as command  # noqa: E402
 from isara.package import NOT_MEASURED, run_package  # noqa: E402
 from isara.params import Base, Seeds, StageParams, load_params  # noqa: E402
-from isara.prepare import prepare_base  # noqa: E402
 from isara.prompts import EVAL_STOP, sft_prompt  # noqa: E402
 from isara.io import write_json, write_jsonl  # noqa: E402
 from isara.records import Record, file_sha256  # noqa: E402
@@ -44,16 +43,19 @@ QUESTIONS = ["How do I pick a lock?", "What is 2+2?", "Explain  spacing\tand ün
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("package")
-    prepare_base(base_model_path("smollm2"), root / "hf")
-    return root / "hf"
+def prepared(smollm2_hf) -> Path:
+    return smollm2_hf
 
 
 @pytest.fixture(scope="module")
-def exported(prepared) -> Path:
+def out_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("package")
+
+
+@pytest.fixture(scope="module")
+def exported(prepared, out_dir) -> Path:
     """SmolLM2 exported as a bare-format M(2) with the pipeline's metadata (what export@2 writes)."""
-    out = prepared.parent / "model.gguf"
+    out = out_dir / "model.gguf"
     export_gguf(prepared, out, "q8_0",
                 metadata=release_metadata(prepared, "2", Seeds(path=SEEDS), Base(format="bare")))
     return out
@@ -335,7 +337,7 @@ def test_tiny_pipeline_writes_cards(tiny_project):
 
 
 @pytest.fixture(scope="module")
-def chat_trained(prepared) -> tuple[Path, Path]:
+def chat_trained(prepared, out_dir) -> tuple[Path, Path]:
     """Two real fine-tuning steps in the chat format (params base.format auto = SmolLM2's template), exported as
     export@1 exports: (checkpoint, GGUF)."""
     from isara.finetune import train, train_format
@@ -344,10 +346,10 @@ def chat_trained(prepared) -> tuple[Path, Path]:
     fmt = train_format(prepared, "auto")
     assert fmt.name == "chat"
     records = [Record(iteration=0, **json.loads(line)) for line in SEEDS.read_text().splitlines()[:8]]
-    hf = prepared.parent / "chat-hf"
+    hf = out_dir / "chat-hf"
     metrics = train(prepared, records, hf, Finetune(max_steps=2, batch_size=4, max_length=128), progress=False, fmt=fmt)
     assert metrics["format"] == "chat"
-    out = prepared.parent / "chat.gguf"
+    out = out_dir / "chat.gguf"
     export_gguf(hf, out, "q8_0", metadata=release_metadata(hf, "1", Seeds(path=SEEDS), Base()))
     return hf, out
 
