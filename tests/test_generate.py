@@ -52,7 +52,7 @@ def built(tmp_path_factory):
     return root
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def workspace(built):
     """A fresh copy of `built` at the given path, e.g. workspace(tmp_path / "batched")."""
     return lambda root: Path(shutil.copytree(built, root))
@@ -66,8 +66,8 @@ def cli(root, *args, **kw):
 
 
 @pytest.fixture(scope="module")
-def reference(built, tmp_path_factory):
-    root = Path(shutil.copytree(built, tmp_path_factory.mktemp("gen") / "ref"))
+def reference(workspace, tmp_path_factory):
+    root = workspace(tmp_path_factory.mktemp("gen") / "ref")
     cli(root, "generate", "1")
     return root
 
@@ -379,8 +379,8 @@ STANCE_BUDGET = {"n_samples: 3, max_attempts: 30": "n_samples: 4, max_attempts: 
 
 
 @pytest.fixture(scope="module")
-def stance_off(built, tmp_path_factory):
-    root = Path(shutil.copytree(built, tmp_path_factory.mktemp("stance") / "off"))
+def stance_off(workspace, tmp_path_factory):
+    root = workspace(tmp_path_factory.mktemp("stance") / "off")
     return root, *generate_with(root, STANCE_OFF + ", stance_consistency: false", **STANCE_BUDGET)
 
 
