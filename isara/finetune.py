@@ -357,6 +357,16 @@ def use_bf16(cfg: Finetune, device: torch.device) -> bool:
     return torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_bf16()
 
 
+def precision_note(cfg: Finetune, device: torch.device, bf16: bool) -> str | None:
+    """The line a user gets before an fp32 fine-tune on CPU, where `auto` found no native bf16: the run is then
+    about 3x slower than the README's headline times, and without the line nothing says why."""
+    if device.type != "cpu" or bf16 or cfg.precision != "auto":
+        return None
+    return ("finetune: this CPU has no native bf16 dot products (AVX512-BF16 or AMX), so fine-tuning runs in fp32, "
+            "about 3x slower than with them: the default dvc repro takes about an hour on 2 such cores instead of "
+            "19-27 minutes (README \"Performance\"). finetune.precision=bf16 would be slower still here.")
+
+
 def train_format(model_dir: Path, choice: str) -> PromptFormat:
     """The PromptFormat of params base.format for the checkpoint in `model_dir` (its base GGUF's metadata, which
     prepare put there as TEMPLATE_FILE and every fine-tune carries on)."""
@@ -403,6 +413,9 @@ def _train(model_dir: Path, records: list[Record], out_dir: Path, cfg: Finetune,
     torch.set_num_threads(max(1, cfg.n_threads // world) if device.type == "cpu" else cfg.n_threads)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     bf16 = use_bf16(cfg, device)
+    note = precision_note(cfg, device, bf16)
+    if note and rank == 0:
+        print(note, file=sys.stderr, flush=True)
     # Weights, gradients and optimizer state stay fp32; autocast runs the matmuls in bf16 (mixed precision).
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
     model, core = prepare_model(model, cfg)

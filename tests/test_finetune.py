@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from isara.finetune import (FP32_MATMUL_CHUNK, IGNORE, LOSS_CHUNK, HeadLoss, LoweredWeights, ResumeState,
                             accumulate_gradients, answer_loss, collate, cpu_has_bf16, encode, length_grouped_batches,
-                            merged, prepare_model, resolve_device, trained_tokens, train)
+                            merged, precision_note, prepare_model, resolve_device, trained_tokens, train)
 from isara.gguf import export_gguf
 from isara.params import Finetune, ParamsError
 from isara.seeds import read_seed_file
@@ -111,6 +111,16 @@ def test_cuda_without_a_gpu_is_a_params_error():
     with pytest.raises(ParamsError, match="finetune.device = cuda"):
         resolve_device(Finetune(device="cuda"))
     assert resolve_device(Finetune()).type == "cpu"
+
+
+def test_an_fp32_cpu_fine_tune_under_auto_says_why_it_is_slow():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    note = precision_note(Finetune(), cpu, bf16=False)
+    assert "no native bf16" in note and "fp32" in note and "about an hour" in note
+    # bf16 found, or a precision the user chose, or a GPU: nothing to explain
+    assert precision_note(Finetune(), cpu, bf16=True) is None
+    assert precision_note(Finetune(precision="fp32"), cpu, bf16=False) is None
+    assert precision_note(Finetune(), cuda, bf16=False) is None
 
 
 @pytest.mark.parametrize("precision", ["fp32", pytest.param("bf16", marks=native_bf16)])
