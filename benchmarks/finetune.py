@@ -5,6 +5,8 @@ With --memory: peak memory and tokens/s of the finetune methods and memory lever
     python benchmarks/finetune.py --steps 16 --threads 2 --batch-size 8
     python benchmarks/finetune.py --memory              # full / lora x checkpointing, the default finetune@2 shape
     python benchmarks/finetune.py --memory --dataset artifacts/2/dataset.jsonl   # a real D(2)
+    python benchmarks/finetune.py --profile --base artifacts/0/hf --dataset artifacts/2/dataset.jsonl
+                                                        # where a default step's time goes, fp32 and bf16
     python benchmarks/finetune.py --device cuda --sizes 135M 360M 1.7B --batch-size 32 --steps 64 --repeats 1
                                                         # issue 13's GPU table: random-weight SmolLM2 shapes, bf16
 
@@ -27,6 +29,13 @@ lora + checkpointing, lora with the last k decoder layers uncheckpointed (finetu
 with batch 4 x 2 accumulation steps; --rows picks some) runs in a fresh child process, --repeats times in
 alternating rounds, and reports its own peak resident memory (ru_maxrss: model load, training and save together,
 as the stage's process holds them), real tokens/s of its training loop and the sha256 of the weights it saved.
+
+--profile: where the time of the default fine-tune's steps goes (params.yaml's base model, unless --base, and
+finetune section; the --memory data), under torch.profiler, in fp32 (the precision of a CPU without native bf16)
+and, where the CPU has native bf16, in bf16 autocast: seconds a step, and the shares of the step's CPU time in
+HeadLoss (the LM head's matmuls and softmax, its gradients taken in its forward pass) and in aten::mm (every matmul,
+the head's included). What the matmuls do not take is the most any fusion of the other ops (torch.compile, a fused
+kernel) could save.
 """
 
 from __future__ import annotations
@@ -209,6 +218,42 @@ def memory_table(args, work: Path, base: Path) -> None:
               f"{'/'.join(sorted({m['weights_sha256'] for m in ms})):>14}")
 
 
+def profile_table(args, base: Path) -> None:
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from isara.finetune import accumulate_gradients, collate, cpu_has_bf16, length_grouped_batches, prepare_model
+    from isara.params import load_params
+
+    torch.set_num_threads(args.threads)
+    cfg = load_params(REPO / "params.yaml").finetune
+    records = read_records(args.dataset) if args.dataset else [
+        *read_seed_file(REPO / "data/seeds/safety_wide.jsonl"), *read_seed_file(REPO / "data/seeds/safety_mixed.jsonl")]
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    examples = encode(records, tokenizer, cfg.max_length, train_format(base, "auto"))
+    batches = length_grouped_batches(examples, cfg.batch_size, torch.Generator().manual_seed(cfg.seed))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    inputs = [collate(examples, b, pad) for b in batches[:args.steps + 1]]
+    model, core = prepare_model(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), cfg)
+    model.train()
+    print(f"\n{base}, {cfg.method}, batch {cfg.batch_size}, {args.steps} steps after one warm-up step, "
+          f"{args.threads} threads; shares of the steps' CPU time")
+    print(f"{'precision':<10} {'s / step':>9} {'HeadLoss':>9} {'aten::mm':>9} {'the rest':>9}")
+    for bf16 in (False, True) if cpu_has_bf16() else (False,):
+        accumulate_gradients(core, [inputs[0]], bf16)
+        model.zero_grad(set_to_none=True)
+        start = time.perf_counter()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for batch in inputs[1:]:
+                accumulate_gradients(core, [batch], bf16)
+                model.zero_grad(set_to_none=True)
+        seconds = (time.perf_counter() - start) / (len(inputs) - 1)
+        ops = {e.key: e for e in prof.key_averages()}
+        total = sum(e.self_cpu_time_total for e in ops.values())
+        head, mm = ops["HeadLoss"].cpu_time_total / total, ops["aten::mm"].self_cpu_time_total / total
+        print(f"{'bf16' if bf16 else 'fp32':<10} {seconds:>9.2f} {head:>9.0%} {mm:>9.0%} {1 - mm:>9.0%}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=8)
@@ -216,8 +261,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--memory", action="store_true", help="peak memory and tokens/s of full / lora x checkpointing")
+    ap.add_argument("--profile", action="store_true", help="shares of a default step's time: HeadLoss, matmuls, rest")
     ap.add_argument("--epochs", type=int, default=2, help="--memory: epochs (the default run: 2)")
-    ap.add_argument("--dataset", type=Path, help="--memory: a records JSONL (e.g. artifacts/2/dataset.jsonl)")
+    ap.add_argument("--dataset", type=Path, help="--memory, --profile: a records JSONL (artifacts/2/dataset.jsonl)")
     ap.add_argument("--base", type=Path, help="a prepared base checkpoint (isara prepare's hf/) instead of preparing one")
     ap.add_argument("--rows", nargs="+", choices=list(MEMORY_CONFIGS), help="--memory: only these rows")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where both loops train")
@@ -233,9 +279,13 @@ def main() -> None:
     if args.base:
         base = args.base
     else:
-        prepare_base(base_model_path("smollm2"), base)
+        # --profile measures the default run's fine-tune, so its base is params.yaml's base.model
+        from isara.params import load_params
+        prepare_base(base_model_path(load_params(REPO / "params.yaml").base.model if args.profile else "smollm2"), base)
     if args.memory:
         return memory_table(args, work, base)
+    if args.profile:
+        return profile_table(args, base)
     records = read_seed_file(REPO / "data/seeds/safety.jsonl")
     for size in args.sizes or [None]:
         model_dir = random_checkpoint(base, size, work / f"random-{size}") if size else base
