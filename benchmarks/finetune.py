@@ -57,10 +57,11 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from isara.base_models import base_model_path  # noqa: E402
-from isara.finetune import IGNORE, encode, train, train_format  # noqa: E402
+from isara.finetune import (IGNORE, accumulate_gradients, collate, cpu_has_bf16, encode,  # noqa: E402
+                            length_grouped_batches, prepare_model, train, train_format)
 import isara.finetune as finetune_module  # noqa: E402
 from isara.memory import release_at_peaks, release_freed_memory  # noqa: E402
-from isara.params import Finetune  # noqa: E402
+from isara.params import Finetune, load_params  # noqa: E402
 from isara.prepare import prepare_base  # noqa: E402
 from isara.records import file_sha256, read_records  # noqa: E402
 from isara.seeds import read_seed_file  # noqa: E402
@@ -157,11 +158,18 @@ MEMORY_CONFIGS = {  # the params.yaml default: "lora + checkpointing except the 
 }
 
 
+def memory_records(dataset: str | Path | None) -> list:
+    """The --memory and --profile data: a records JSONL, else the safety_wide + safety_mixed seeds."""
+    if dataset:
+        return read_records(Path(dataset))
+    seeds = REPO / "data/seeds"
+    return [*read_seed_file(seeds / "safety_wide.jsonl"), *read_seed_file(seeds / "safety_mixed.jsonl")]
+
+
 def memory_child(spec: dict) -> None:
     """One configuration in this (fresh) process: train as the finetune stage does, print metrics + peak RSS."""
     base, out = Path(spec["base"]), Path(spec["out"])
-    records = read_records(Path(spec["dataset"])) if spec["dataset"] else [
-        *read_seed_file(REPO / "data/seeds/safety_wide.jsonl"), *read_seed_file(REPO / "data/seeds/safety_mixed.jsonl")]
+    records = memory_records(spec["dataset"])
     overrides = dict(spec["cfg"])
     if overrides.pop(THRESHOLD, False):
         release_freed_memory()
@@ -178,7 +186,6 @@ def memory_child(spec: dict) -> None:
 
 
 def memory_table(args, work: Path, base: Path) -> None:
-    from isara.params import load_params
 
     defaults = load_params(REPO / "params.yaml").finetune.model_dump()
     # rows name their checkpointed layers: "checkpointing" alone means all of them
@@ -222,13 +229,9 @@ def profile_table(args, base: Path) -> None:
     from torch.profiler import ProfilerActivity, profile
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from isara.finetune import accumulate_gradients, collate, cpu_has_bf16, length_grouped_batches, prepare_model
-    from isara.params import load_params
-
     torch.set_num_threads(args.threads)
     cfg = load_params(REPO / "params.yaml").finetune
-    records = read_records(args.dataset) if args.dataset else [
-        *read_seed_file(REPO / "data/seeds/safety_wide.jsonl"), *read_seed_file(REPO / "data/seeds/safety_mixed.jsonl")]
+    records = memory_records(args.dataset)
     tokenizer = AutoTokenizer.from_pretrained(base)
     examples = encode(records, tokenizer, cfg.max_length, train_format(base, "auto"))
     batches = length_grouped_batches(examples, cfg.batch_size, torch.Generator().manual_seed(cfg.seed))
@@ -280,7 +283,6 @@ def main() -> None:
         base = args.base
     else:
         # --profile measures the default run's fine-tune, so its base is params.yaml's base.model
-        from isara.params import load_params
         prepare_base(base_model_path(load_params(REPO / "params.yaml").base.model if args.profile else "smollm2"), base)
     if args.memory:
         return memory_table(args, work, base)
