@@ -364,7 +364,7 @@ def precision_note(cfg: Finetune, device: torch.device, bf16: bool) -> str | Non
         return None
     return ("finetune: this CPU has no native bf16 dot products (AVX512-BF16 or AMX), so fine-tuning runs in fp32, "
             "about 3x slower than with them: the default dvc repro takes about an hour on 2 such cores instead of "
-            "19-27 minutes (README \"Performance\"). finetune.precision=bf16 would be slower still here.")
+            "19-24 minutes (README \"Performance\"). finetune.precision=bf16 would be slower still here.")
 
 
 def train_format(model_dir: Path, choice: str) -> PromptFormat:
