@@ -186,7 +186,6 @@ def memory_child(spec: dict) -> None:
 
 
 def memory_table(args, work: Path, base: Path) -> None:
-
     defaults = load_params(REPO / "params.yaml").finetune.model_dump()
     # rows name their checkpointed layers: "checkpointing" alone means all of them
     defaults.update(n_threads=args.threads, epochs=args.epochs, uncheckpointed_layers=0)
